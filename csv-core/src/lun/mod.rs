@@ -1,0 +1,108 @@
+//! The shared LUN: the one block device every node attaches read/write.
+//!
+//! [`Lun`] is the only way any layer above touches the disk. Backends:
+//! a file or block device (`file`), an NBD target (`nbd`), an in-memory
+//! disk for tests (`mem`) and a fault-injecting wrapper (`fault`).
+//!
+//! Invariants every backend keeps (checked by the conformance suite in `tests`):
+//! - `read_at`/`write_at` outside `[0, size)` fail with [`LunError::OutOfRange`], never short;
+//! - a write acknowledged with `fua = true`, or followed by a successful `flush`, is durable;
+//! - `discard` is advisory: afterwards the range reads as either the old data or zeros;
+//! - `write_zeroes` makes the range read back as zeros.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+
+use bytes::Bytes;
+
+/// A boxed future returned by [`Lun`] methods (the trait must stay dyn-compatible:
+/// the backend is chosen at run time from the configuration).
+pub type LunFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, LunError>> + Send + 'a>>;
+
+/// What a LUN backend failed to do. `Path*` variants mean the path to the LUN is
+/// broken (the redirector's cue); the others are errors of the request itself.
+#[derive(Debug, thiserror::Error)]
+pub enum LunError {
+    #[error("LUN request out of range: offset {offset} + length {len} exceeds size {size}")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("LUN request misaligned: offset {offset}, length {len}, alignment {align}")]
+    Misaligned { offset: u64, len: u64, align: u32 },
+    #[error("LUN {op} at offset {offset} failed")]
+    Io {
+        op: &'static str,
+        offset: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error("LUN path unreachable: {reason}")]
+    PathUnreachable { reason: String },
+    #[error("LUN {op} timed out after {ms} ms")]
+    Timeout { op: &'static str, ms: u64 },
+    #[error("LUN target refused {op}: NBD error {errno}")]
+    Target { op: &'static str, errno: u32 },
+    #[error("LUN write refused: fencing token {token} is stale")]
+    Fenced { token: u64 },
+    #[error("LUN backend is closed")]
+    Closed,
+}
+
+impl LunError {
+    /// True when the error says the *path* is bad (retry elsewhere), not the request.
+    pub fn is_path_error(&self) -> bool {
+        matches!(
+            self,
+            LunError::Io { .. }
+                | LunError::PathUnreachable { .. }
+                | LunError::Timeout { .. }
+                | LunError::Closed
+                | LunError::Target { .. }
+        )
+    }
+}
+
+/// Positional block I/O on the shared LUN.
+pub trait Lun: Send + Sync + 'static {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    /// Offsets and lengths must be multiples of this (512 for most, 4096 with O_DIRECT).
+    fn alignment(&self) -> u32 {
+        512
+    }
+    /// A short human description (`file:/path`, `nbd://...`) for logs and status.
+    fn describe(&self) -> String;
+    /// Reads exactly `len` bytes at `offset`.
+    fn read_at(&self, offset: u64, len: usize) -> LunFuture<'_, Bytes>;
+    /// Writes all of `data` at `offset`; with `fua` the data is durable on return.
+    fn write_at(&self, offset: u64, data: Bytes, fua: bool) -> LunFuture<'_, ()>;
+    /// Makes every write acknowledged before this call durable.
+    fn flush(&self) -> LunFuture<'_, ()>;
+    /// Advisory: the range's contents may be dropped (reads return old data or zeros).
+    fn discard(&self, offset: u64, len: u64) -> LunFuture<'_, ()> {
+        let _ = (offset, len);
+        Box::pin(async { Ok(()) })
+    }
+    /// Makes the range read back as zeros.
+    fn write_zeroes(&self, offset: u64, len: u64) -> LunFuture<'_, ()> {
+        Box::pin(async move {
+            const STEP: u64 = 1 << 20;
+            let zero = Bytes::from(vec![0u8; STEP as usize]);
+            let mut done = 0;
+            while done < len {
+                let n = (len - done).min(STEP);
+                self.write_at(offset + done, zero.slice(..n as usize), false)
+                    .await?;
+                done += n;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Checks `offset..offset+len` against `size`, overflow-safe.
+pub fn check_range(offset: u64, len: u64, size: u64) -> Result<(), LunError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(LunError::OutOfRange { offset, len, size }),
+    }
+}
