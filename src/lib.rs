@@ -1,1 +1,21 @@
-//! csvd
+//! csvd: the node daemon, the operator CLI and the local-cluster launcher.
+//!
+//! Binaries are thin: `src/bin/csvd.rs` and `src/bin/csvctl.rs` parse arguments and
+//! call into this library, which the integration tests in `tests/` drive directly.
+
+pub mod client;
+pub mod cluster;
+pub mod config;
+pub mod ctl;
+pub mod daemon;
+pub mod format;
+
+/// Sets up logging to stderr with `filter` (overridden by `RUST_LOG`).
+pub fn init_tracing(filter: &str) {
+    let env = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(env)
+        .with_target(false)
+        .try_init();
+}

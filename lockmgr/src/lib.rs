@@ -8,4 +8,6 @@
 //! - `network`: openraft's network on top of `rpc`;
 //! - `node`: one metadata node (Raft, RPC server, membership, sessions, client API).
 
+pub mod network;
+pub mod rpc;
 pub mod types;

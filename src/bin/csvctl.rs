@@ -1,1 +1,24 @@
-fn main() {}
+//! `csvctl`: the operator's tool.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = csvd::ctl::Cli::parse();
+    csvd::init_tracing("warn");
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("csvctl: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(csvd::ctl::run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("csvctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

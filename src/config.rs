@@ -1,0 +1,256 @@
+//! `csvd --config node.toml`: the node configuration, parsed and validated.
+//!
+//! Every field is documented here and in the README's configuration reference.
+//! Unknown keys are refused (a typo must not silently fall back to a default).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// What is wrong with a configuration file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {path}: {field}: {message}")]
+    Invalid {
+        path: PathBuf,
+        field: &'static str,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// This node's id: a unique integer from 1 upwards.
+    pub node_id: u64,
+    /// Where this node keeps its Raft log and state (created if missing).
+    pub data_dir: PathBuf,
+    /// The shared LUN: a block device (`/dev/sdX`), a file path, or an NBD target
+    /// (`nbd://host:port/export`, `nbd+unix:///export?socket=/path`).
+    pub lun: String,
+    /// Open a file or block device LUN with O_DIRECT (bypass the page cache).
+    #[serde(default)]
+    pub lun_direct: bool,
+    /// Where the volume is mounted through FUSE; empty to not mount.
+    #[serde(default)]
+    pub mountpoint: Option<PathBuf>,
+    /// A file holding the cluster secret (at least 16 bytes); all nodes share it.
+    pub secret_file: PathBuf,
+    /// Create a new cluster with this node as its first member if it has no Raft state.
+    /// Exactly one node of a new cluster sets this; it is ignored once the node has state.
+    #[serde(default)]
+    pub bootstrap: bool,
+    /// Cluster RPC addresses of existing members to join through.
+    #[serde(default)]
+    pub peers: Vec<String>,
+    #[serde(default)]
+    pub listen: ListenConfig,
+    #[serde(default)]
+    pub raft: RaftConfig,
+    #[serde(default)]
+    pub session: SessionConfig,
+    /// Log filter (`info`, `debug`, `csvd=debug,openraft=warn`, ...).
+    #[serde(default = "default_log")]
+    pub log: String,
+}
+
+fn default_log() -> String {
+    "info,openraft=warn".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenConfig {
+    /// The cluster RPC listener (Raft, forwarded metadata writes, redirected I/O).
+    pub rpc: SocketAddr,
+    /// The address peers dial for RPC (defaults to `rpc`).
+    pub advertise_rpc: Option<String>,
+    /// The NBD server for VMMs.
+    pub nbd: SocketAddr,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        ListenConfig {
+            rpc: SocketAddr::from(([127, 0, 0, 1], 7100)),
+            advertise_rpc: None,
+            nbd: SocketAddr::from(([127, 0, 0, 1], 10809)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftConfig {
+    /// Leader heartbeat interval; also the AppendEntries timeout (keep it above the
+    /// worst fsync latency of the Raft store).
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot (and purge the log behind it) every this many entries.
+    pub snapshot_logs: u64,
+    /// A voter without a live session for this long is replaced by a healthy learner.
+    pub voter_replace_after_ms: u64,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        RaftConfig {
+            heartbeat_ms: 100,
+            election_timeout_min_ms: 400,
+            election_timeout_max_ms: 800,
+            snapshot_logs: 5_000,
+            voter_replace_after_ms: 30_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionConfig {
+    /// Session (lease) TTL: a node that cannot renew for this long loses its locks.
+    /// It stops writing ttl/5 before (self-fence).
+    pub ttl_ms: u64,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig { ttl_ms: 10_000 }
+    }
+}
+
+impl NodeConfig {
+    pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let cfg: NodeConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    pub fn to_toml(&self) -> String {
+        // Serializing plain structs of strings and numbers cannot fail.
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |field: &'static str, message: String| {
+            Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                field,
+                message,
+            })
+        };
+        if self.node_id == 0 {
+            return bad("node_id", "must be 1 or more".into());
+        }
+        if self.lun.trim().is_empty() {
+            return bad("lun", "must name a device, file or nbd:// target".into());
+        }
+        if !self.bootstrap && self.peers.is_empty() {
+            return bad(
+                "peers",
+                "a node that does not bootstrap needs at least one peer to join".into(),
+            );
+        }
+        let r = &self.raft;
+        if r.heartbeat_ms < 10 {
+            return bad("raft.heartbeat_ms", "must be at least 10".into());
+        }
+        if r.election_timeout_min_ms <= r.heartbeat_ms {
+            return bad(
+                "raft.election_timeout_min_ms",
+                "must be greater than raft.heartbeat_ms".into(),
+            );
+        }
+        if r.election_timeout_max_ms <= r.election_timeout_min_ms {
+            return bad(
+                "raft.election_timeout_max_ms",
+                "must be greater than raft.election_timeout_min_ms".into(),
+            );
+        }
+        if r.snapshot_logs < 10 {
+            return bad("raft.snapshot_logs", "must be at least 10".into());
+        }
+        if self.session.ttl_ms < 4 * r.election_timeout_max_ms {
+            return bad(
+                "session.ttl_ms",
+                format!(
+                    "must be at least 4 x raft.election_timeout_max_ms ({} ms) so a leader change does not expire sessions",
+                    4 * r.election_timeout_max_ms
+                ),
+            );
+        }
+        if self.listen.rpc == self.listen.nbd {
+            return bad("listen.nbd", "must differ from listen.rpc".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn minimal() -> &'static str {
+        r#"
+node_id = 1
+data_dir = "/tmp/x"
+lun = "/tmp/lun.img"
+secret_file = "/tmp/secret"
+bootstrap = true
+"#
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let cfg: NodeConfig = toml::from_str(minimal()).unwrap();
+        cfg.validate(Path::new("t.toml")).unwrap();
+        assert_eq!(cfg.session.ttl_ms, 10_000);
+        assert_eq!(cfg.listen.rpc.port(), 7100);
+    }
+
+    #[test]
+    fn unknown_key_is_refused() {
+        let text = format!("{}\nlun_dirct = true\n", minimal());
+        let err = toml::from_str::<NodeConfig>(&text).unwrap_err();
+        assert!(err.to_string().contains("lun_dirct"), "{err}");
+    }
+
+    #[test]
+    fn joiner_without_peers_is_refused() {
+        let text = minimal().replace("bootstrap = true", "");
+        let cfg: NodeConfig = toml::from_str(&text).unwrap();
+        let err = cfg.validate(Path::new("t.toml")).unwrap_err();
+        assert!(err.to_string().contains("peers"), "{err}");
+    }
+
+    #[test]
+    fn short_ttl_is_refused() {
+        let text = format!("{}\n[session]\nttl_ms = 500\n", minimal());
+        let cfg: NodeConfig = toml::from_str(&text).unwrap();
+        let err = cfg.validate(Path::new("t.toml")).unwrap_err();
+        assert!(err.to_string().contains("session.ttl_ms"), "{err}");
+    }
+
+    #[test]
+    fn round_trips_through_toml() {
+        let cfg: NodeConfig = toml::from_str(minimal()).unwrap();
+        let again: NodeConfig = toml::from_str(&cfg.to_toml()).unwrap();
+        assert_eq!(cfg, again);
+    }
+}

@@ -1,0 +1,345 @@
+//! `csvctl`: command-line parsing and the commands. Every read command takes `--json`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use lockmgr::rpc::auth::ClusterKey;
+use lockmgr::rpc::message::{Query, QueryReply, Reply, Request};
+
+use crate::client::CtlClient;
+use crate::cluster::{self, Children, ClusterFile, SanMode, UpOptions};
+
+#[derive(Parser)]
+#[command(name = "csvctl", version, about = "Operate a csvd cluster (Cluster Shared Volumes for Linux)")]
+pub struct Cli {
+    /// A local cluster directory made by `csvctl cluster up`.
+    #[arg(long, global = true, env = "CSV_CLUSTER")]
+    pub cluster: Option<PathBuf>,
+    /// Node RPC addresses to talk to (instead of --cluster), e.g. 10.0.0.1:7100.
+    #[arg(long = "node-addr", global = true)]
+    pub node_addr: Vec<String>,
+    /// The cluster secret file (with --node-addr).
+    #[arg(long, global = true)]
+    pub secret_file: Option<PathBuf>,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Write a new volume superblock to a LUN (a device, a file, or nbd://...).
+    Format {
+        #[arg(long)]
+        lun: String,
+        #[arg(long, default_value_t = 4096)]
+        block_size: u32,
+        /// Overwrite an existing csvd volume.
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The cluster: leader, term, and per node its role and SAN path state.
+    Status(JsonFlag),
+    /// The nodes the metadata service knows (addresses, sessions, path state).
+    Nodes(JsonFlag),
+    /// Locks, their holders and fencing tokens.
+    Locks(JsonFlag),
+    /// Take, release or check a lock through one node's session (for operators and tests).
+    #[command(subcommand)]
+    Lock(LockCmd),
+    /// Start or stop a whole local cluster.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+}
+
+#[derive(Args)]
+pub struct JsonFlag {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand)]
+pub enum LockCmd {
+    Acquire {
+        key: String,
+        #[arg(long)]
+        node: u64,
+        #[arg(long)]
+        shared: bool,
+    },
+    Release {
+        key: String,
+        #[arg(long)]
+        node: u64,
+    },
+    /// Exit 0 if `token` is still the node's valid grant of `key`, 1 if it is stale.
+    Check {
+        key: String,
+        #[arg(long)]
+        node: u64,
+        #[arg(long)]
+        token: u64,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ClusterCmd {
+    /// Create (or restart) a local cluster: LUN file, N nodes, mounts, NBD ports.
+    Up {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Size of the LUN file (sparse), e.g. 1G, 20G.
+        #[arg(long, default_value = "1G")]
+        lun_size: String,
+        /// How each node reaches the LUN: the file itself, or its own nbdkit process.
+        #[arg(long, value_enum, default_value_t = SanMode::File)]
+        san: SanMode,
+        /// Return once the cluster is up, leaving it running.
+        #[arg(long)]
+        detach: bool,
+        /// Session TTL in ms (how long a dead node keeps its locks).
+        #[arg(long, default_value_t = 10_000)]
+        session_ttl_ms: u64,
+    },
+    /// Stop a local cluster; nothing stays mounted or running. Data is kept.
+    Down {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+/// Runs one command; the exit code says whether it succeeded.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Format {
+            ref lun,
+            block_size,
+            force,
+            json,
+        } => {
+            let sb = crate::format::format_lun(lun, block_size, force).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"lun": lun, "volume_uuid": sb.uuid_string(), "block_size": block_size, "size": sb.size})
+                );
+            } else {
+                println!(
+                    "formatted {lun}: volume {} ({} bytes, {block_size}-byte blocks)",
+                    sb.uuid_string(),
+                    sb.size
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Status(JsonFlag { json }) => {
+            let st = client(&cli)?.status().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                println!(
+                    "leader: {}   term: {}",
+                    st.leader.map(|l| l.to_string()).unwrap_or_else(|| "none".into()),
+                    st.term
+                );
+                println!(
+                    "{:>4}  {:<8} {:<6} {:<11} {:<6} reason",
+                    "node", "role", "alive", "path", "peer"
+                );
+                for n in &st.nodes {
+                    println!(
+                        "{:>4}  {:<8} {:<6} {:<11} {:<6} {}",
+                        n.id,
+                        n.role,
+                        if n.alive { "yes" } else { "NO" },
+                        n.path,
+                        n.peer.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                        n.reason.clone().unwrap_or_else(|| "-".into())
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Nodes(JsonFlag { json }) => {
+            let QueryReply::Nodes(nodes) = client(&cli)?.query(Query::Nodes).await? else {
+                bail!("unexpected answer");
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&nodes)?);
+            } else {
+                println!(
+                    "{:>4}  {:<21} {:<21} {:<8} {:<11} mount",
+                    "node", "rpc", "nbd", "session", "path"
+                );
+                for n in &nodes {
+                    println!(
+                        "{:>4}  {:<21} {:<21} {:<8} {:<11} {}",
+                        n.id,
+                        n.rpc_addr,
+                        n.nbd_addr,
+                        n.session.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
+                        n.path.state.as_str(),
+                        n.mount
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Locks(JsonFlag { json }) => {
+            let QueryReply::Locks(locks) = client(&cli)?.query(Query::Locks).await? else {
+                bail!("unexpected answer");
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&locks)?);
+            } else if locks.is_empty() {
+                println!("no locks held");
+            } else {
+                println!("{:<32} {:<9} {:>4} {:>8} {:>8}", "key", "mode", "node", "session", "token");
+                for l in &locks {
+                    for h in &l.holders {
+                        println!(
+                            "{:<32} {:<9} {:>4} {:>8} {:>8}{}",
+                            l.key,
+                            format!("{:?}", h.mode).to_lowercase(),
+                            h.node,
+                            h.session,
+                            h.token,
+                            l.break_requested_by
+                                .map(|n| format!("  (break requested by node {n})"))
+                                .unwrap_or_default()
+                        );
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Lock(ref cmd) => {
+            let c = client(&cli)?;
+            let (node, req) = match cmd {
+                LockCmd::Acquire { key, node, shared } => (
+                    *node,
+                    Request::LockAcquire {
+                        key: key.clone(),
+                        exclusive: !shared,
+                    },
+                ),
+                LockCmd::Release { key, node } => (*node, Request::LockRelease { key: key.clone() }),
+                LockCmd::Check { key, node, token } => (
+                    *node,
+                    Request::LockValidate {
+                        key: key.clone(),
+                        token: *token,
+                    },
+                ),
+            };
+            match c.call(node, req, Duration::from_secs(20)).await? {
+                Reply::Lock(Ok(token)) => {
+                    println!("{token}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Reply::Lock(Err(e)) => {
+                    eprintln!("csvctl: {e}");
+                    Ok(ExitCode::from(1))
+                }
+                other => bail!("unexpected answer {other:?}"),
+            }
+        }
+        Cmd::Cluster(ClusterCmd::Up {
+            ref dir,
+            nodes,
+            ref lun_size,
+            san,
+            detach,
+            session_ttl_ms,
+        }) => {
+            let mut opts = UpOptions::new(dir.clone(), nodes);
+            opts.lun_size = cluster::parse_size(lun_size)?;
+            opts.san = san;
+            opts.session.ttl_ms = session_ttl_ms;
+            let mut children = Children::default();
+            let up = cluster::up(&opts, &mut children).await;
+            let c = match up {
+                Ok(c) => c,
+                Err(e) => {
+                    if ClusterFile::path(dir).exists() {
+                        let _ = cluster::down(dir, &mut children).await;
+                    }
+                    return Err(e);
+                }
+            };
+            print_next_steps(dir, &c, detach);
+            if detach {
+                // The children run in their own process groups and outlive us.
+                std::mem::forget(children);
+                return Ok(ExitCode::SUCCESS);
+            }
+            tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+            eprintln!("stopping the cluster ...");
+            cluster::down(dir, &mut children).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Cluster(ClusterCmd::Down { ref dir }) => {
+            cluster::down(dir, &mut Children::default()).await?;
+            println!("cluster in {} stopped; nothing mounted or running", dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn print_next_steps(dir: &std::path::Path, c: &ClusterFile, detach: bool) {
+    let d = dir.display();
+    println!("csvd cluster up: {} nodes, volume {}", c.nodes.len(), c.volume_uuid);
+    println!("  LUN:      {}", c.lun.display());
+    for n in &c.nodes {
+        println!(
+            "  node {:>2}: rpc {}  nbd {}  mount {}  pid {}",
+            n.id,
+            n.rpc,
+            n.nbd,
+            n.mount.display(),
+            n.pid
+        );
+    }
+    println!();
+    println!("Next:");
+    println!("  csvctl --cluster {d} status          # leader, roles, SAN path per node");
+    println!("  csvctl --cluster {d} locks           # locks and fencing tokens");
+    println!("  csvctl --cluster {d} lock acquire vm1 --node 1");
+    if detach {
+        println!("  csvctl cluster down --dir {d}        # stop everything");
+    } else {
+        println!("Press Ctrl-C to stop the cluster.");
+    }
+}
+
+fn client(cli: &Cli) -> anyhow::Result<CtlClient> {
+    if !cli.node_addr.is_empty() {
+        let secret = cli
+            .secret_file
+            .as_ref()
+            .context("--node-addr needs --secret-file")?;
+        let key = ClusterKey::from_secret(
+            &std::fs::read(secret).with_context(|| format!("cannot read {}", secret.display()))?,
+        )?;
+        return Ok(CtlClient::new(
+            cli.node_addr
+                .iter()
+                .enumerate()
+                .map(|(i, a)| (i as u64 + 1, a.clone()))
+                .collect(),
+            key,
+        ));
+    }
+    let dir = cli
+        .cluster
+        .as_ref()
+        .context("say which cluster: --cluster DIR (or CSV_CLUSTER), or --node-addr with --secret-file")?;
+    ClusterFile::load(dir)?.client()
+}

@@ -1,0 +1,135 @@
+//! The `csvd` node daemon: attaches the LUN, joins the metadata service, serves
+//! until SIGTERM/SIGINT, then leaves gracefully.
+//!
+//! Start-up order matters:
+//! 1. read the cluster secret and the LUN superblock (a LUN that is not a csvd volume,
+//!    or is damaged, is refused before anything joins the cluster);
+//! 2. start the metadata node (bootstrap or join, open the session);
+//! 3. check the LUN against the cluster's volume record (a different volume UUID
+//!    means the wrong LUN is attached: refuse and leave), or record it if the cluster
+//!    has none yet.
+
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use csv_core::lun::Lun;
+use csv_core::meta::{MetaError, VolumeInfo};
+use csv_core::superblock::Superblock;
+use lockmgr::node::{MetaConfig, MetaNode};
+use lockmgr::rpc::auth::ClusterKey;
+use lockmgr::rpc::message::{Query, QueryReply};
+use lockmgr::types::{Op, Response};
+
+use crate::config::NodeConfig;
+
+/// Runs one node until it is told to stop.
+pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
+    let secret = std::fs::read(&cfg.secret_file)
+        .with_context(|| format!("cannot read secret file {}", cfg.secret_file.display()))?;
+    let key = ClusterKey::from_secret(&secret)?;
+
+    let lun = csv_core::lun::open_lun(
+        &cfg.lun,
+        csv_core::lun::LunOptions {
+            direct: cfg.lun_direct,
+            ..Default::default()
+        },
+    )
+    .await
+    .with_context(|| format!("cannot attach LUN {}", cfg.lun))?;
+    let sb = Superblock::read(lun.as_ref())
+        .await
+        .with_context(|| format!("LUN {} is not usable", cfg.lun))?;
+    sb.verify_attach(None, lun.size())
+        .with_context(|| format!("LUN {} refused", cfg.lun))?;
+    tracing::info!(lun = %lun.describe(), volume = %sb.uuid_string(), "LUN attached");
+
+    let mut meta = MetaConfig::new(
+        cfg.node_id,
+        cfg.listen.rpc,
+        cfg.data_dir.join("raft"),
+        key,
+    );
+    meta.rpc_advertise = cfg
+        .listen
+        .advertise_rpc
+        .clone()
+        .unwrap_or_else(|| cfg.listen.rpc.to_string());
+    meta.nbd_addr = cfg.listen.nbd.to_string();
+    meta.mount = cfg
+        .mountpoint
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    meta.seeds = cfg.peers.clone();
+    meta.bootstrap = cfg.bootstrap;
+    meta.heartbeat_ms = cfg.raft.heartbeat_ms;
+    meta.election_timeout_min_ms = cfg.raft.election_timeout_min_ms;
+    meta.election_timeout_max_ms = cfg.raft.election_timeout_max_ms;
+    meta.snapshot_logs = cfg.raft.snapshot_logs;
+    meta.voter_replace_after_ms = cfg.raft.voter_replace_after_ms;
+    meta.session_ttl_ms = cfg.session.ttl_ms;
+
+    let node = MetaNode::start(meta)
+        .await
+        .context("cannot start the metadata service")?;
+    tracing::info!(node = node.id(), rpc = %node.rpc_addr(), "joined the cluster");
+
+    if let Err(e) = check_volume(&node, &sb, lun.as_ref()).await {
+        node.shutdown().await;
+        return Err(e);
+    }
+
+    wait_for_stop(&node).await;
+    tracing::info!("stopping: releasing locks and leaving");
+    node.shutdown().await;
+    Ok(())
+}
+
+/// The cluster's volume must be the one on this LUN.
+async fn check_volume(node: &Arc<MetaNode>, sb: &Superblock, lun: &dyn Lun) -> anyhow::Result<()> {
+    let ours = VolumeInfo {
+        uuid: sb.uuid_string(),
+        block_size: sb.block_size,
+        total_blocks: sb.size / u64::from(sb.block_size),
+        data_start_block: sb.data_start_block,
+    };
+    for _ in 0..2 {
+        let QueryReply::Volume(recorded) = node.query(Query::Volume).await? else {
+            bail!("unexpected answer to a volume query");
+        };
+        match recorded {
+            Some(v) if v.uuid == ours.uuid => return Ok(()),
+            Some(v) => bail!(
+                "wrong LUN: {} holds volume {}, but this cluster's volume is {}",
+                lun.describe(),
+                ours.uuid,
+                v.uuid
+            ),
+            None => match node
+                .write(Op::InitVolume { info: ours.clone() })
+                .await?
+            {
+                Response::Ok | Response::Err(MetaError::Invalid(_)) => continue,
+                other => bail!("recording the volume failed: {other:?}"),
+            },
+        }
+    }
+    bail!("the volume record did not settle")
+}
+
+async fn wait_for_stop(node: &MetaNode) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        node.stopped().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+        _ = node.stopped() => {}
+    }
+}
