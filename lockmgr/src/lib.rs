@@ -10,4 +10,5 @@
 
 pub mod network;
 pub mod rpc;
+pub mod state;
 pub mod types;
