@@ -65,7 +65,10 @@ impl CtlClient {
     pub async fn query(&self, q: Query) -> anyhow::Result<QueryReply> {
         let mut last = None;
         for (id, c) in &self.nodes {
-            match c.call(Request::Query(q.clone()), Duration::from_secs(5)).await {
+            match c
+                .call(Request::Query(q.clone()), Duration::from_secs(5))
+                .await
+            {
                 Ok(Reply::Query(Ok(r))) => return Ok(r),
                 Ok(Reply::Query(Err(e))) => last = Some(format!("node {id}: {e}")),
                 Ok(other) => last = Some(format!("node {id}: unexpected reply {other:?}")),

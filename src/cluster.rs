@@ -111,9 +111,7 @@ pub fn default_csvd_binary() -> PathBuf {
 /// Parses sizes like `1G`, `512M`, `64GiB`, `4096`.
 pub fn parse_size(s: &str) -> anyhow::Result<u64> {
     let t = s.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let n: u64 = num
         .parse()
@@ -137,8 +135,13 @@ impl ClusterFile {
 
     pub fn load(dir: &Path) -> anyhow::Result<ClusterFile> {
         let p = Self::path(dir);
-        let text = std::fs::read_to_string(&p)
-            .with_context(|| format!("no cluster at {} (cannot read {})", dir.display(), p.display()))?;
+        let text = std::fs::read_to_string(&p).with_context(|| {
+            format!(
+                "no cluster at {} (cannot read {})",
+                dir.display(),
+                p.display()
+            )
+        })?;
         serde_json::from_str(&text).with_context(|| format!("{} is not valid", p.display()))
     }
 
@@ -187,7 +190,9 @@ pub fn pid_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => {
             // The state follows the ")" that closes the command name.
-            let state = stat.rsplit_once(')').and_then(|(_, r)| r.trim().chars().next());
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, r)| r.trim().chars().next());
             !matches!(state, Some('Z') | Some('X') | None)
         }
         Err(_) => false,
@@ -284,7 +289,11 @@ pub async fn up(opts: &UpOptions, children: &mut Children) -> anyhow::Result<Clu
             mountpoint: Some(nd.join("mnt")),
             secret_file: secret_file.clone(),
             bootstrap: id == 1,
-            peers: if id == 1 { Vec::new() } else { vec![seed.clone()] },
+            peers: if id == 1 {
+                Vec::new()
+            } else {
+                vec![seed.clone()]
+            },
             listen: ListenConfig {
                 rpc: rpc.parse()?,
                 advertise_rpc: None,
@@ -368,7 +377,12 @@ fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
 }
 
 /// Starts node `id`'s csvd from its `node.toml`; returns its pid.
-pub fn start_node(dir: &Path, id: u64, csvd: &Path, children: &mut Children) -> anyhow::Result<u32> {
+pub fn start_node(
+    dir: &Path,
+    id: u64,
+    csvd: &Path,
+    children: &mut Children,
+) -> anyhow::Result<u32> {
     use std::os::unix::process::CommandExt;
     let nd = node_dir(dir, id);
     let log = std::fs::OpenOptions::new()
@@ -430,7 +444,11 @@ pub fn start_san(
             let deadline = Instant::now() + Duration::from_secs(10);
             while !sock.exists() {
                 if Instant::now() > deadline {
-                    bail!("nbdkit for node {} did not create {}", entry.id, sock.display());
+                    bail!(
+                        "nbdkit for node {} did not create {}",
+                        entry.id,
+                        sock.display()
+                    );
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -445,7 +463,11 @@ pub async fn wait_ready(cluster: &ClusterFile, timeout: Duration) -> anyhow::Res
     wait_nodes_ready(cluster, cluster.nodes.len(), timeout).await
 }
 
-async fn wait_nodes_ready(cluster: &ClusterFile, n: usize, timeout: Duration) -> anyhow::Result<()> {
+async fn wait_nodes_ready(
+    cluster: &ClusterFile,
+    n: usize,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let client = CtlClient::new(
         cluster
             .nodes
@@ -472,7 +494,8 @@ async fn wait_nodes_ready(cluster: &ClusterFile, n: usize, timeout: Duration) ->
         let statuses = client.statuses(Duration::from_secs(1)).await;
         let answered: Vec<_> = statuses.iter().filter_map(|(_, s)| s.as_ref()).collect();
         if answered.len() == n {
-            let leaders: std::collections::BTreeSet<_> = answered.iter().map(|s| s.leader).collect();
+            let leaders: std::collections::BTreeSet<_> =
+                answered.iter().map(|s| s.leader).collect();
             let with_session = answered.iter().filter(|s| s.session.is_some()).count();
             let view = answered.iter().max_by_key(|s| s.term).copied();
             let members = view.map(|v| v.members.len()).unwrap_or(0);
@@ -518,7 +541,11 @@ pub async fn down(dir: &Path, children: &mut Children) -> anyhow::Result<()> {
         }
         if Instant::now() > deadline {
             for n in alive {
-                tracing::warn!(node = n.id, pid = n.pid, "node did not stop in time; killing it");
+                tracing::warn!(
+                    node = n.id,
+                    pid = n.pid,
+                    "node did not stop in time; killing it"
+                );
                 signal(n.pid, libc::SIGKILL);
             }
             tokio::time::sleep(Duration::from_millis(200)).await;

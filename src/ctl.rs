@@ -13,7 +13,11 @@ use crate::client::CtlClient;
 use crate::cluster::{self, Children, ClusterFile, SanMode, UpOptions};
 
 #[derive(Parser)]
-#[command(name = "csvctl", version, about = "Operate a csvd cluster (Cluster Shared Volumes for Linux)")]
+#[command(
+    name = "csvctl",
+    version,
+    about = "Operate a csvd cluster (Cluster Shared Volumes for Linux)"
+)]
 pub struct Cli {
     /// A local cluster directory made by `csvctl cluster up`.
     #[arg(long, global = true, env = "CSV_CLUSTER")]
@@ -146,7 +150,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 println!(
                     "leader: {}   term: {}",
-                    st.leader.map(|l| l.to_string()).unwrap_or_else(|| "none".into()),
+                    st.leader
+                        .map(|l| l.to_string())
+                        .unwrap_or_else(|| "none".into()),
                     st.term
                 );
                 println!(
@@ -184,7 +190,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         n.id,
                         n.rpc_addr,
                         n.nbd_addr,
-                        n.session.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
+                        n.session
+                            .map(|s| s.to_string())
+                            .unwrap_or_else(|| "-".into()),
                         n.path.state.as_str(),
                         n.mount
                     );
@@ -201,7 +209,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else if locks.is_empty() {
                 println!("no locks held");
             } else {
-                println!("{:<32} {:<9} {:>4} {:>8} {:>8}", "key", "mode", "node", "session", "token");
+                println!(
+                    "{:<32} {:<9} {:>4} {:>8} {:>8}",
+                    "key", "mode", "node", "session", "token"
+                );
                 for l in &locks {
                     for h in &l.holders {
                         println!(
@@ -230,7 +241,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         exclusive: !shared,
                     },
                 ),
-                LockCmd::Release { key, node } => (*node, Request::LockRelease { key: key.clone() }),
+                LockCmd::Release { key, node } => {
+                    (*node, Request::LockRelease { key: key.clone() })
+                }
                 LockCmd::Check { key, node, token } => (
                     *node,
                     Request::LockValidate {
@@ -280,14 +293,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 std::mem::forget(children);
                 return Ok(ExitCode::SUCCESS);
             }
-            tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+            tokio::signal::ctrl_c()
+                .await
+                .context("waiting for Ctrl-C")?;
             eprintln!("stopping the cluster ...");
             cluster::down(dir, &mut children).await?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Cluster(ClusterCmd::Down { ref dir }) => {
             cluster::down(dir, &mut Children::default()).await?;
-            println!("cluster in {} stopped; nothing mounted or running", dir.display());
+            println!(
+                "cluster in {} stopped; nothing mounted or running",
+                dir.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -295,7 +313,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 fn print_next_steps(dir: &std::path::Path, c: &ClusterFile, detach: bool) {
     let d = dir.display();
-    println!("csvd cluster up: {} nodes, volume {}", c.nodes.len(), c.volume_uuid);
+    println!(
+        "csvd cluster up: {} nodes, volume {}",
+        c.nodes.len(),
+        c.volume_uuid
+    );
     println!("  LUN:      {}", c.lun.display());
     for n in &c.nodes {
         println!(
@@ -337,9 +359,8 @@ fn client(cli: &Cli) -> anyhow::Result<CtlClient> {
             key,
         ));
     }
-    let dir = cli
-        .cluster
-        .as_ref()
-        .context("say which cluster: --cluster DIR (or CSV_CLUSTER), or --node-addr with --secret-file")?;
+    let dir = cli.cluster.as_ref().context(
+        "say which cluster: --cluster DIR (or CSV_CLUSTER), or --node-addr with --secret-file",
+    )?;
     ClusterFile::load(dir)?.client()
 }

@@ -44,12 +44,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         .with_context(|| format!("LUN {} refused", cfg.lun))?;
     tracing::info!(lun = %lun.describe(), volume = %sb.uuid_string(), "LUN attached");
 
-    let mut meta = MetaConfig::new(
-        cfg.node_id,
-        cfg.listen.rpc,
-        cfg.data_dir.join("raft"),
-        key,
-    );
+    let mut meta = MetaConfig::new(cfg.node_id, cfg.listen.rpc, cfg.data_dir.join("raft"), key);
     meta.rpc_advertise = cfg
         .listen
         .advertise_rpc
@@ -106,10 +101,7 @@ async fn check_volume(node: &Arc<MetaNode>, sb: &Superblock, lun: &dyn Lun) -> a
                 ours.uuid,
                 v.uuid
             ),
-            None => match node
-                .write(Op::InitVolume { info: ours.clone() })
-                .await?
-            {
+            None => match node.write(Op::InitVolume { info: ours.clone() }).await? {
                 Response::Ok | Response::Err(MetaError::Invalid(_)) => continue,
                 other => bail!("recording the volume failed: {other:?}"),
             },

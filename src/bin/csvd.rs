@@ -23,7 +23,10 @@ fn main() -> ExitCode {
         }
     };
     csvd::init_tracing(&cfg.log);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("csvd: cannot start the runtime: {e}");

@@ -40,7 +40,10 @@ impl ClusterKey {
         if trimmed.len() < 16 {
             return Err(RpcError::WeakSecret(trimmed.len()));
         }
-        Ok(ClusterKey(blake3::derive_key("csvd cluster secret v1", trimmed)))
+        Ok(ClusterKey(blake3::derive_key(
+            "csvd cluster secret v1",
+            trimmed,
+        )))
     }
 
     fn proof(&self, label: &str, c: &Hello, s: &Hello) -> [u8; 32] {
@@ -97,7 +100,9 @@ impl Hello {
 
     fn decode(b: &[u8; HELLO_LEN]) -> Result<Self, RpcError> {
         if b[..8] != MAGIC {
-            return Err(RpcError::Handshake("not a csvd RPC peer (bad magic)".into()));
+            return Err(RpcError::Handshake(
+                "not a csvd RPC peer (bad magic)".into(),
+            ));
         }
         let version = u16::from_be_bytes([b[8], b[9]]);
         if version != VERSION {

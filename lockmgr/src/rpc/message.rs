@@ -34,10 +34,15 @@ pub enum Request {
     /// linearizable read must wait for.
     ReadIndex,
     /// A node asks to join the cluster (the leader adds it as a learner).
-    Join { node: NodeId, rpc_addr: String },
+    Join {
+        node: NodeId,
+        rpc_addr: String,
+    },
     /// A node leaving for good or for a while: the leader hands its voter seat to a
     /// healthy learner if there is one.
-    Leave { node: NodeId },
+    Leave {
+        node: NodeId,
+    },
     /// This node's view of the cluster.
     Status,
     /// Ask this node to release every lock and reservation and shut down.
@@ -45,11 +50,19 @@ pub enum Request {
     /// A linearizable read of the metadata, served by this node.
     Query(Query),
     /// Acquire a lock for this node's own session (operator and test tool).
-    LockAcquire { key: String, exclusive: bool },
+    LockAcquire {
+        key: String,
+        exclusive: bool,
+    },
     /// Release a lock held by this node's session.
-    LockRelease { key: String },
+    LockRelease {
+        key: String,
+    },
     /// Is `token` still this node's valid grant of `key`? (A linearizable check.)
-    LockValidate { key: String, token: u64 },
+    LockValidate {
+        key: String,
+        token: u64,
+    },
 }
 
 /// Reads of the metadata (what `csvctl` shows).
@@ -72,7 +85,10 @@ pub enum QueryReply {
     Sessions(Vec<SessionInfo>),
     Space(SpaceInfo),
     /// `Ok` or the list of violations, with the log index the check ran at.
-    Fsck { applied: u64, violations: Vec<String> },
+    Fsck {
+        applied: u64,
+        violations: Vec<String>,
+    },
 }
 
 /// Why a request that needs the leader was not served here.
@@ -107,7 +123,9 @@ pub struct NodeStatus {
 pub enum Reply {
     AppendEntries(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
     Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
-    InstallSnapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
+    InstallSnapshot(
+        Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
+    ),
     Write(Result<Response, LeaderError>),
     ReadIndex(Result<u64, LeaderError>),
     Join(Result<(), LeaderError>),

@@ -148,7 +148,10 @@ async fn serve_conn(
         let (handler, tx) = (handler.clone(), tx.clone());
         tokio::spawn(async move {
             let reply = handler(peer, env.body).await;
-            match message::encode(&Envelope { id: env.id, body: reply }) {
+            match message::encode(&Envelope {
+                id: env.id,
+                body: reply,
+            }) {
                 Ok(buf) => {
                     let _ = tx.send(buf).await;
                 }
@@ -182,7 +185,9 @@ pub struct RpcClient {
 
 impl std::fmt::Debug for RpcClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RpcClient").field("addr", &self.addr).finish()
+        f.debug_struct("RpcClient")
+            .field("addr", &self.addr)
+            .finish()
     }
 }
 
@@ -219,12 +224,13 @@ impl RpcClient {
     }
 
     async fn connect(&self) -> Result<Arc<Conn>, RpcError> {
-        let mut stream = TcpStream::connect(&self.addr)
-            .await
-            .map_err(|source| RpcError::Connect {
-                addr: self.addr.clone(),
-                source,
-            })?;
+        let mut stream =
+            TcpStream::connect(&self.addr)
+                .await
+                .map_err(|source| RpcError::Connect {
+                    addr: self.addr.clone(),
+                    source,
+                })?;
         stream.set_nodelay(true).map_err(RpcError::Io)?;
         let session = auth::client_handshake(&mut stream, &self.key, self.me).await?;
         let (rd, wr) = stream.into_split();
@@ -307,3 +313,6 @@ impl RpcClient {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
