@@ -13,10 +13,14 @@
 pub mod fault;
 pub mod file;
 pub mod mem;
+pub mod nbd;
+pub mod open;
 
 pub use fault::{FaultError, FaultHandle, FaultLun, OpKind, OpSet};
 pub use file::{FileLun, FileLunOptions};
 pub use mem::MemLun;
+pub use nbd::{NbdLun, NbdOptions};
+pub use open::{LunOpenOptions, open_lun};
 
 use std::future::Future;
 use std::io;
