@@ -4,3 +4,4 @@
 
 pub mod lun;
 pub mod meta;
+pub mod superblock;

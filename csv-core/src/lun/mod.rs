@@ -10,6 +10,18 @@
 //! - `discard` is advisory: afterwards the range reads as either the old data or zeros;
 //! - `write_zeroes` makes the range read back as zeros.
 
+pub mod fault;
+pub mod file;
+pub mod mem;
+pub mod nbd;
+pub mod open;
+
+pub use fault::{FaultError, FaultHandle, FaultLun, OpKind, OpSet};
+pub use file::{FileLun, FileLunOptions};
+pub use mem::MemLun;
+pub use nbd::{NbdLun, NbdOptions};
+pub use open::{LunOpenOptions, open_lun};
+
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -104,5 +116,15 @@ pub fn check_range(offset: u64, len: u64, size: u64) -> Result<(), LunError> {
     match offset.checked_add(len) {
         Some(end) if end <= size => Ok(()),
         _ => Err(LunError::OutOfRange { offset, len, size }),
+    }
+}
+
+/// Checks that `offset` and `len` are multiples of `align` (the backend's [`Lun::alignment`]).
+pub fn check_aligned(offset: u64, len: u64, align: u32) -> Result<(), LunError> {
+    let a = u64::from(align.max(1));
+    if offset.is_multiple_of(a) && len.is_multiple_of(a) {
+        Ok(())
+    } else {
+        Err(LunError::Misaligned { offset, len, align })
     }
 }
