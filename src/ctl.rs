@@ -132,13 +132,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if json {
                 println!(
                     "{}",
-                    serde_json::json!({"lun": lun, "volume_uuid": sb.uuid_string(), "block_size": block_size, "size": sb.size})
+                    serde_json::json!({"lun": lun, "volume_uuid": sb.uuid_string(), "block_size": block_size, "size": sb.volume_size})
                 );
             } else {
                 println!(
                     "formatted {lun}: volume {} ({} bytes, {block_size}-byte blocks)",
                     sb.uuid_string(),
-                    sb.size
+                    sb.volume_size
                 );
             }
             Ok(ExitCode::SUCCESS)

@@ -28,16 +28,17 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         .with_context(|| format!("cannot read secret file {}", cfg.secret_file.display()))?;
     let key = ClusterKey::from_secret(&secret)?;
 
-    let lun = csv_core::lun::open_lun(
-        &cfg.lun,
-        csv_core::lun::LunOptions {
+    let opts = csv_core::lun::LunOpenOptions {
+        file: csv_core::lun::FileLunOptions {
             direct: cfg.lun_direct,
-            ..Default::default()
+            read_only: false,
         },
-    )
-    .await
+        ..Default::default()
+    };
+    let lun = csv_core::lun::open_lun(&cfg.lun, &opts)
+        .await
     .with_context(|| format!("cannot attach LUN {}", cfg.lun))?;
-    let sb = Superblock::read(lun.as_ref())
+    let sb = csv_core::superblock::read(lun.as_ref())
         .await
         .with_context(|| format!("LUN {} is not usable", cfg.lun))?;
     sb.verify_attach(None, lun.size())
@@ -86,7 +87,7 @@ async fn check_volume(node: &Arc<MetaNode>, sb: &Superblock, lun: &dyn Lun) -> a
     let ours = VolumeInfo {
         uuid: sb.uuid_string(),
         block_size: sb.block_size,
-        total_blocks: sb.size / u64::from(sb.block_size),
+        total_blocks: sb.volume_size / u64::from(sb.block_size),
         data_start_block: sb.data_start_block,
     };
     for _ in 0..2 {

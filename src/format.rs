@@ -9,10 +9,10 @@ pub async fn format_lun(spec: &str, block_size: u32, force: bool) -> anyhow::Res
     if !block_size.is_power_of_two() || !(512..=65536).contains(&block_size) {
         bail!("block size {block_size} must be a power of two between 512 and 65536");
     }
-    let lun = csv_core::lun::open_lun(spec, Default::default())
+    let lun = csv_core::lun::open_lun(spec, &Default::default())
         .await
         .with_context(|| format!("cannot open LUN {spec}"))?;
-    if let Ok(existing) = Superblock::read(lun.as_ref()).await {
+    if let Ok(existing) = csv_core::superblock::read(lun.as_ref()).await {
         if !force {
             bail!(
                 "{spec} already holds csvd volume {}; pass --force to overwrite it (its data will be lost)",
