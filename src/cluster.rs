@@ -265,7 +265,11 @@ pub async fn up(opts: &UpOptions, children: &mut Children) -> anyhow::Result<Clu
             .with_context(|| format!("cannot create {}", lun.display()))?;
         f.set_len(opts.lun_size)?;
     }
-    let sb = crate::format::format_lun(&lun.display().to_string(), 4096, false).await?;
+    let sb = crate::format::format_lun(
+        &lun.display().to_string(),
+        4096,
+        crate::format::Existing::Refuse,
+    ).await?;
 
     let mut cluster = ClusterFile {
         lun: lun.clone(),
@@ -301,7 +305,7 @@ pub async fn up(opts: &UpOptions, children: &mut Children) -> anyhow::Result<Clu
             },
             raft: opts.raft.clone(),
             session: opts.session.clone(),
-            log: "info,openraft=warn".into(),
+            log: "info,openraft=error".into(),
         };
         if id == 1 {
             seed = rpc.clone();
@@ -478,7 +482,7 @@ async fn wait_nodes_ready(
         cluster.key()?,
     );
     let deadline = Instant::now() + timeout;
-    let mut last = String::from("no answer yet");
+    let mut last;
     loop {
         for e in cluster.nodes.iter().take(n) {
             if !pid_alive(e.pid) {
@@ -526,34 +530,20 @@ async fn wait_nodes_ready(
 /// the SAN paths. Leaves the data so `cluster up` on the same directory restarts it.
 pub async fn down(dir: &Path, children: &mut Children) -> anyhow::Result<()> {
     let cluster = ClusterFile::load(dir)?;
-    for n in &cluster.nodes {
-        if pid_alive(n.pid) {
-            signal(n.pid, libc::SIGCONT);
-            signal(n.pid, libc::SIGTERM);
-        }
-    }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        children.reap();
-        let alive: Vec<_> = cluster.nodes.iter().filter(|n| pid_alive(n.pid)).collect();
-        if alive.is_empty() {
-            break;
-        }
-        if Instant::now() > deadline {
-            for n in alive {
-                tracing::warn!(
-                    node = n.id,
-                    pid = n.pid,
-                    "node did not stop in time; killing it"
-                );
-                signal(n.pid, libc::SIGKILL);
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            children.reap();
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // Followers first, the leader last: stopping nodes close their sessions through it.
+    let leader = match cluster.client() {
+        Ok(c) => c
+            .statuses(Duration::from_secs(1))
+            .await
+            .into_iter()
+            .filter_map(|(_, s)| s.and_then(|s| s.leader))
+            .next(),
+        Err(_) => None,
+    };
+    let (last, first): (Vec<&NodeEntry>, Vec<&NodeEntry>) =
+        cluster.nodes.iter().partition(|n| Some(n.id) == leader);
+    stop_nodes(&first, children).await;
+    stop_nodes(&last, children).await;
     for n in &cluster.nodes {
         unmount_if_mounted(&n.mount);
         if let Some(pid) = n.san_pid {
@@ -580,6 +570,34 @@ pub async fn down(dir: &Path, children: &mut Children) -> anyhow::Result<()> {
     }
     children.reap();
     Ok(())
+}
+
+/// SIGTERM the nodes, wait for them to exit, SIGKILL those that take too long.
+async fn stop_nodes(nodes: &[&NodeEntry], children: &mut Children) {
+    for n in nodes {
+        if pid_alive(n.pid) {
+            signal(n.pid, libc::SIGCONT);
+            signal(n.pid, libc::SIGTERM);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        children.reap();
+        let alive: Vec<_> = nodes.iter().filter(|n| pid_alive(n.pid)).collect();
+        if alive.is_empty() {
+            return;
+        }
+        if Instant::now() > deadline {
+            for n in alive {
+                tracing::warn!(node = n.id, pid = n.pid, "node did not stop in time; killing it");
+                signal(n.pid, libc::SIGKILL);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            children.reap();
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// True if `path` is a mountpoint (per /proc/self/mountinfo).

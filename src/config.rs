@@ -64,7 +64,7 @@ pub struct NodeConfig {
 }
 
 fn default_log() -> String {
-    "info,openraft=warn".into()
+    "info,openraft=error".into()
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -252,5 +252,24 @@ bootstrap = true
         let cfg: NodeConfig = toml::from_str(minimal()).unwrap();
         let again: NodeConfig = toml::from_str(&cfg.to_toml()).unwrap();
         assert_eq!(cfg, again);
+    }
+}
+
+#[cfg(test)]
+mod deploy_tests {
+    use super::*;
+
+    /// docker-compose.yml mounts these; they must stay valid configurations.
+    #[test]
+    fn docker_compose_node_configs_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+        let mut n = 0;
+        for i in 1..=3 {
+            let cfg = NodeConfig::load(&dir.join(format!("node{i}.toml"))).unwrap();
+            assert_eq!(cfg.node_id, i);
+            assert!(cfg.lun.starts_with("nbd://"));
+            n += 1;
+        }
+        assert_eq!(n, 3);
     }
 }

@@ -41,8 +41,11 @@ pub enum Cmd {
         #[arg(long, default_value_t = 4096)]
         block_size: u32,
         /// Overwrite an existing csvd volume.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "keep_existing")]
         force: bool,
+        /// Succeed without writing if the LUN already holds a csvd volume.
+        #[arg(long)]
+        keep_existing: bool,
         #[arg(long)]
         json: bool,
     },
@@ -126,9 +129,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ref lun,
             block_size,
             force,
+            keep_existing,
             json,
         } => {
-            let sb = crate::format::format_lun(lun, block_size, force).await?;
+            let existing = match (force, keep_existing) {
+                (true, _) => crate::format::Existing::Overwrite,
+                (_, true) => crate::format::Existing::Keep,
+                _ => crate::format::Existing::Refuse,
+            };
+            let sb = crate::format::format_lun(lun, block_size, existing).await?;
             if json {
                 println!(
                     "{}",

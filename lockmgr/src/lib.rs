@@ -10,5 +10,7 @@
 
 pub mod network;
 pub mod rpc;
+pub mod node;
 pub mod state;
+pub mod store;
 pub mod types;

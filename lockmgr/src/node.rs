@@ -21,7 +21,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use csv_core::meta::{FencingToken, LockMode, MetaError, NodeId, SessionId};
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{ChangeMembers, LogId, ServerState, SnapshotPolicy};
 use tokio::net::TcpListener;
 use tokio::sync::{Mutex, watch};
@@ -188,7 +188,12 @@ pub struct MetaNode {
     applied: watch::Receiver<Option<LogId<NodeId>>>,
     peers: Mutex<HashMap<String, Arc<RpcClient>>>,
     session_tx: watch::Sender<SessionState>,
+    /// Stops the RPC server (last, so peers can still commit our goodbye).
     cancel: CancellationToken,
+    /// Stops keep-alive and leader duties (first, so no session is reopened).
+    loops: CancellationToken,
+    /// Fired when someone asks this node to stop.
+    stop_requested: CancellationToken,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     local_addr: SocketAddr,
 }
@@ -201,6 +206,8 @@ impl std::fmt::Debug for MetaNode {
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 const WRITE_DEADLINE: Duration = Duration::from_secs(15);
+/// How long a stopping node tries to close its session and hand over its voter seat.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 impl MetaNode {
     /// Opens the store, starts Raft and the RPC server, bootstraps or joins, and opens
@@ -210,7 +217,7 @@ impl MetaNode {
             NodeError::Config(format!("cannot create {}: {e}", cfg.data_dir.display()))
         })?;
         let (log_store, sm) =
-            store::open::<VolumeState>(&cfg.data_dir.join("raft.redb")).map_err(NodeError::Store)?;
+            store::open::<VolumeState>(&cfg.data_dir).map_err(NodeError::Store)?;
         let state = sm.state();
         let applied = sm.applied();
         let raft_cfg = openraft::Config {
@@ -253,6 +260,8 @@ impl MetaNode {
             peers: Mutex::new(HashMap::new()),
             session_tx: watch::channel(SessionState::Opening).0,
             cancel: CancellationToken::new(),
+            loops: CancellationToken::new(),
+            stop_requested: CancellationToken::new(),
             tasks: Mutex::new(Vec::new()),
             local_addr,
         });
@@ -372,13 +381,12 @@ impl MetaNode {
                 let a = applied.map(|l| l.index).unwrap_or(0);
                 Ok(r.max(a))
             }
-            Err(RaftError::APIError(e)) => Err(match e.forward_to_leader() {
-                Some(f) => LeaderError::NotLeader {
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                Err(LeaderError::NotLeader {
                     leader: f.leader_id,
                     leader_addr: f.leader_node.as_ref().map(|n| n.rpc_addr.clone()),
-                },
-                None => LeaderError::Unavailable(e.to_string()),
-            }),
+                })
+            }
             Err(e) => Err(LeaderError::Unavailable(e.to_string())),
         }
     }
@@ -609,7 +617,7 @@ impl MetaNode {
         let period = Duration::from_millis((self.cfg.session_ttl_ms / 4).max(50));
         loop {
             tokio::select! {
-                _ = self.cancel.cancelled() => return,
+                _ = self.loops.cancelled() => return,
                 _ = tokio::time::sleep(period) => {}
             }
             let current = self.session_tx.borrow().clone();
@@ -659,7 +667,7 @@ impl MetaNode {
         let mut last_reconcile = Instant::now();
         loop {
             tokio::select! {
-                _ = self.cancel.cancelled() => return,
+                _ = self.loops.cancelled() => return,
                 _ = tokio::time::sleep(tick) => {}
             }
             let m = self.raft.metrics().borrow().clone();
@@ -792,7 +800,7 @@ impl MetaNode {
             ),
             Request::Status => Reply::Status(self.status()),
             Request::Shutdown => {
-                self.cancel.cancel();
+                self.stop_requested.cancel();
                 Reply::Shutdown
             }
             Request::LockAcquire { key, exclusive } => {
@@ -941,13 +949,20 @@ impl MetaNode {
             SessionState::Live { id, .. } => Some(id),
             _ => None,
         };
-        self.cancel.cancel();
-        if let Some(id) = session {
-            if let Err(e) = self.write(Op::CloseSession { session: id }).await {
-                tracing::warn!(error = %e, "could not close the metadata session");
+        self.stop_requested.cancel();
+        self.loops.cancel();
+        let graceful = async {
+            if let Some(id) = session {
+                if let Err(e) = self.write(Op::CloseSession { session: id }).await {
+                    tracing::warn!(error = %e, "could not close the metadata session");
+                }
             }
+            self.leave().await;
+        };
+        if tokio::time::timeout(SHUTDOWN_GRACE, graceful).await.is_err() {
+            tracing::warn!("graceful leave did not finish in {SHUTDOWN_GRACE:?}; stopping anyway");
         }
-        self.leave().await;
+        self.cancel.cancel();
         for t in self.tasks.lock().await.drain(..) {
             t.abort();
         }
@@ -986,6 +1001,6 @@ impl MetaNode {
 
     /// Resolves when the node was asked to stop (by RPC `Shutdown` or [`Self::shutdown`]).
     pub async fn stopped(&self) {
-        self.cancel.cancelled().await
+        self.stop_requested.cancelled().await
     }
 }

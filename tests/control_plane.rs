@@ -1,0 +1,339 @@
+//! The control plane with real `csvd` processes on loopback: leader failover, 16 nodes,
+//! lock exclusion, session expiry, SIGSTOP fencing, restarts, refused peers, wrong LUNs.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{TestCluster, csvd_bin};
+use csvd::cluster;
+use lockmgr::rpc::message::{Query, QueryReply, Reply, Request};
+
+async fn lock_holder(c: &TestCluster, key: &str) -> Option<(u64, u64)> {
+    let QueryReply::Locks(locks) = c.client().query(Query::Locks).await.unwrap() else {
+        panic!("unexpected reply");
+    };
+    locks
+        .into_iter()
+        .find(|l| l.key == key)
+        .and_then(|l| l.holders.first().map(|h| (h.node, h.token)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_node_cluster_elects_a_new_leader_after_kill9_of_the_leader() {
+    let mut c = TestCluster::up(3).await;
+    let old = c.leader_among(&[1, 2, 3], Duration::from_secs(10)).await;
+    let t0 = Instant::now();
+    c.kill9(old);
+    let survivors: Vec<u64> = [1, 2, 3].into_iter().filter(|n| *n != old).collect();
+    let new = c.leader_among(&survivors, Duration::from_secs(15)).await;
+    assert_ne!(new, old);
+    // The new leader serves writes: a lock through a survivor.
+    let token = c.acquire(survivors[0], "after-failover").await.unwrap();
+    eprintln!(
+        "leader {old} killed; node {new} leads and committed token {token} after {:?}",
+        t0.elapsed()
+    );
+    // The killed node comes back and rejoins as a follower of the new leader.
+    c.restart(old);
+    let again = c.leader_among(&[1, 2, 3], Duration::from_secs(30)).await;
+    assert!(survivors.contains(&again));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_nodes_come_up_with_five_voters_and_eleven_learners() {
+    let c = TestCluster::up_with(16, |o| {
+        o.lun_size = 64 << 20;
+        o.ready_timeout = Duration::from_secs(240);
+    })
+    .await;
+    let st = c.client().status().await.unwrap();
+    assert_eq!(st.nodes.len(), 16);
+    let count = |r: &str| st.nodes.iter().filter(|n| n.role == r).count();
+    assert_eq!(count("leader"), 1, "{st:?}");
+    assert_eq!(count("voter") + count("leader"), 5, "{st:?}");
+    assert_eq!(count("learner"), 11, "{st:?}");
+    assert!(st.nodes.iter().all(|n| n.alive && n.path == "direct"));
+    // A learner serves linearizable reads and forwards writes.
+    let learner = st.nodes.iter().find(|n| n.role == "learner").unwrap().id;
+    let t = c.acquire(learner, "from-a-learner").await.unwrap();
+    assert_eq!(lock_holder(&c, "from-a-learner").await, Some((learner, t)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exclusive_lock_is_exclusive_across_nodes_and_tokens_increase() {
+    let c = TestCluster::up(3).await;
+    let t1 = c.acquire(1, "vm-disk").await.unwrap();
+    let busy = c.acquire(2, "vm-disk").await.unwrap_err();
+    assert!(busy.contains("held by another session"), "{busy}");
+    let shared = c
+        .call(
+            3,
+            Request::LockAcquire {
+                key: "vm-disk".into(),
+                exclusive: false,
+            },
+        )
+        .await;
+    assert!(matches!(shared, Reply::Lock(Err(_))), "{shared:?}");
+    // Re-acquiring by the holder is idempotent.
+    assert_eq!(c.acquire(1, "vm-disk").await.unwrap(), t1);
+    match c.call(1, Request::LockRelease { key: "vm-disk".into() }).await {
+        Reply::Lock(Ok(_)) => {}
+        other => panic!("{other:?}"),
+    }
+    let t2 = c.acquire(2, "vm-disk").await.unwrap();
+    assert!(t2 > t1, "fencing tokens must increase: {t1} then {t2}");
+    assert_eq!(lock_holder(&c, "vm-disk").await, Some((2, t2)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_nodes_lock_is_freed_after_its_ttl_and_not_before() {
+    let mut c = TestCluster::up(3).await;
+    let ttl = Duration::from_millis(c.opts.session.ttl_ms);
+    let leader = c.leader_among(&[1, 2, 3], Duration::from_secs(10)).await;
+    let victim = [1, 2, 3].into_iter().find(|n| *n != leader).unwrap();
+    let other = [1, 2, 3]
+        .into_iter()
+        .find(|n| *n != leader && *n != victim)
+        .unwrap();
+    let t1 = c.acquire(victim, "held").await.unwrap();
+    c.kill9(victim);
+    let killed_at = Instant::now();
+    // The last keep-alive was at most ttl/4 before the kill: the session lives at
+    // least 3/4 ttl more. Check well inside that window that the lock is still held.
+    tokio::time::sleep(ttl / 2).await;
+    assert_eq!(
+        lock_holder(&c, "held").await,
+        Some((victim, t1)),
+        "lock freed before the TTL ran out"
+    );
+    assert!(c.acquire(other, "held").await.is_err());
+    let deadline = killed_at + ttl * 3;
+    loop {
+        if lock_holder(&c, "held").await.is_none() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "lock not freed within 3 x TTL");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let freed_after = killed_at.elapsed();
+    eprintln!("lock of killed node {victim} freed {freed_after:?} after kill -9 (ttl {ttl:?})");
+    assert!(freed_after >= ttl / 2);
+    let t2 = c.acquire(other, "held").await.unwrap();
+    assert!(t2 > t1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_paused_past_its_ttl_finds_its_lock_gone_and_token_stale() {
+    let c = TestCluster::up(3).await;
+    let leader = c.leader_among(&[1, 2, 3], Duration::from_secs(10)).await;
+    let paused = [1, 2, 3].into_iter().find(|n| *n != leader).unwrap();
+    let other = [1, 2, 3]
+        .into_iter()
+        .find(|n| *n != leader && *n != paused)
+        .unwrap();
+    let t1 = c.acquire(paused, "vm").await.unwrap();
+    c.signal(paused, libc::SIGSTOP);
+    let deadline = Instant::now() + Duration::from_millis(c.opts.session.ttl_ms * 4);
+    while lock_holder(&c, "vm").await.is_some() {
+        assert!(Instant::now() < deadline, "the paused node kept its lock");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let t2 = c.acquire(other, "vm").await.unwrap();
+    assert!(t2 > t1);
+    c.signal(paused, libc::SIGCONT);
+    // On resuming, the node must not consider its old grant valid.
+    match c.call(paused, Request::LockValidate { key: "vm".into(), token: t1 }).await {
+        Reply::Lock(Err(e)) => eprintln!("resumed node {paused} was told: {e}"),
+        other => panic!("stale token accepted after resume: {other:?}"),
+    }
+    // It gets a new session in time, still without the lock.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = c.client().statuses(Duration::from_secs(1)).await;
+        let s = st.iter().find(|(id, _)| *id == paused).and_then(|(_, s)| s.clone());
+        if s.is_some_and(|s| s.session.is_some()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "paused node did not reopen a session");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(lock_holder(&c, "vm").await, Some((other, t2)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_every_node_keeps_all_committed_state() {
+    // Snapshot every 50 entries, so the restart recovers from a snapshot plus the log.
+    let mut c = TestCluster::up_with(3, |o| o.raft.snapshot_logs = 50).await;
+    let mut last = 0;
+    for i in 0..60 {
+        let node = 1 + i % 3;
+        let key = format!("k{i}");
+        last = c.acquire(node, &key).await.unwrap();
+        if i % 2 == 0 {
+            match c.call(node, Request::LockRelease { key }).await {
+                Reply::Lock(Ok(_)) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    let client = c.client();
+    let QueryReply::Volume(volume) = client.query(Query::Volume).await.unwrap() else {
+        panic!()
+    };
+    let QueryReply::Nodes(nodes) = client.query(Query::Nodes).await.unwrap() else {
+        panic!()
+    };
+    let applied_before = client
+        .statuses(Duration::from_secs(2))
+        .await
+        .into_iter()
+        .filter_map(|(_, s)| s.and_then(|s| s.last_applied))
+        .max()
+        .unwrap();
+    assert!(applied_before > 90, "{applied_before}");
+    for n in [1, 2, 3] {
+        c.kill9(n);
+    }
+    for n in [1, 2, 3] {
+        c.restart(n);
+    }
+    cluster::wait_ready(&c.file, Duration::from_secs(60)).await.unwrap();
+    let client = c.client();
+    let QueryReply::Volume(volume_after) = client.query(Query::Volume).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(volume, volume_after);
+    assert!(volume_after.is_some());
+    let QueryReply::Nodes(nodes_after) = client.query(Query::Nodes).await.unwrap() else {
+        panic!()
+    };
+    let addrs = |v: &Vec<csv_core::meta::NodeRecord>| {
+        v.iter().map(|n| (n.id, n.rpc_addr.clone())).collect::<Vec<_>>()
+    };
+    assert_eq!(addrs(&nodes), addrs(&nodes_after));
+    // Sessions are new (a restarted node drops its old session and with it its locks),
+    // but everything else committed is there: the fencing-token counter goes on.
+    assert!(nodes_after.iter().all(|n| n.session.is_some()));
+    let next = c.acquire(3, "after-restart").await.unwrap();
+    assert!(next > last, "fencing tokens went back after a restart: {last} then {next}");
+    let applied_after = client
+        .statuses(Duration::from_secs(2))
+        .await
+        .into_iter()
+        .filter_map(|(_, s)| s.and_then(|s| s.last_applied))
+        .max()
+        .unwrap();
+    assert!(applied_after > applied_before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_and_malformed_rpc_is_refused_without_crashing_the_node() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let c = TestCluster::up(1).await;
+    let addr = c.file.node(1).unwrap().rpc.clone();
+    // Garbage.
+    for junk in [&b"\x00\x01\x02"[..], &[0xffu8; 4096][..], b"CSVRPC\0\x01\x00\x09xxxxxxxx"] {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let _ = s.write_all(junk).await;
+        let _ = s.shutdown().await;
+        let mut b = [0u8; 64];
+        let _ = tokio::time::timeout(Duration::from_secs(6), s.read(&mut b)).await;
+    }
+    // The wrong secret.
+    let intruder = lockmgr::rpc::RpcClient::new(
+        addr,
+        lockmgr::rpc::auth::ClusterKey::from_secret(b"not-the-cluster-secret").unwrap(),
+        77,
+    );
+    assert!(intruder.call(Request::Status, Duration::from_secs(5)).await.is_err());
+    // Still alive and serving.
+    assert!(cluster::pid_alive(c.pid(1)));
+    assert!(c.acquire(1, "still-works").await.is_ok());
+    let log = c.log(1);
+    assert!(log.contains("refused RPC peer"), "refusals must be logged:\n{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_the_wrong_lun_is_refused() {
+    let c = TestCluster::up(1).await;
+    let other_lun = c.path().join("other.img");
+    std::fs::File::create(&other_lun)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    csvd::format::format_lun(
+        &other_lun.display().to_string(),
+        4096,
+        csvd::format::Existing::Refuse,
+    )
+    .await
+    .unwrap();
+    let nd = c.path().join("intruder");
+    std::fs::create_dir_all(&nd).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let nport = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = format!(
+        "node_id = 9\ndata_dir = \"{}\"\nlun = \"{}\"\nsecret_file = \"{}\"\npeers = [\"{}\"]\n[listen]\nrpc = \"127.0.0.1:{port}\"\nnbd = \"127.0.0.1:{nport}\"\n",
+        nd.join("data").display(),
+        other_lun.display(),
+        c.file.secret_file.display(),
+        c.file.node(1).unwrap().rpc
+    );
+    std::fs::write(nd.join("node.toml"), cfg).unwrap();
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(csvd_bin())
+            .arg("--config")
+            .arg(nd.join("node.toml"))
+            .output(),
+    )
+    .await
+    .expect("csvd with the wrong LUN must exit")
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("wrong LUN"), "stderr: {err}");
+
+    // A LUN that is not a csvd volume at all.
+    let blank = c.path().join("blank.img");
+    std::fs::File::create(&blank).unwrap().set_len(64 << 20).unwrap();
+    let cfg2 = std::fs::read_to_string(nd.join("node.toml"))
+        .unwrap()
+        .replace(&other_lun.display().to_string(), &blank.display().to_string());
+    std::fs::write(nd.join("node.toml"), cfg2).unwrap();
+    let out = tokio::process::Command::new(csvd_bin())
+        .arg("--config")
+        .arg(nd.join("node.toml"))
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.to_lowercase().contains("not a csvd"), "stderr: {err}");
+}
+
+#[tokio::test]
+async fn a_bad_config_gets_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("node.toml");
+    std::fs::write(&p, "node_id = 0\ndata_dir = \"/tmp\"\nlun = \"x\"\nsecret_file = \"s\"\nbootstrap = true\n").unwrap();
+    let out = tokio::process::Command::new(csvd_bin())
+        .arg("--config")
+        .arg(&p)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("node_id"), "{err}");
+}
