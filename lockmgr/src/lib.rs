@@ -8,4 +8,5 @@
 //! - `network`: openraft's network on top of `rpc`;
 //! - `node`: one metadata node (Raft, RPC server, membership, sessions, client API).
 
+pub mod store;
 pub mod types;
