@@ -9,8 +9,9 @@
 //! - `node`: one metadata node (Raft, RPC server, membership, sessions, client API).
 
 pub mod network;
-pub mod rpc;
 pub mod node;
+pub mod rpc;
 pub mod state;
+pub mod store;
 pub mod store;
 pub mod types;
