@@ -10,6 +10,7 @@
 //! - `discard` is advisory: afterwards the range reads as either the old data or zeros;
 //! - `write_zeroes` makes the range read back as zeros.
 
+pub mod conformance;
 pub mod fault;
 pub mod file;
 pub mod mem;

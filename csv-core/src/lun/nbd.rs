@@ -946,7 +946,15 @@ impl NbdLun {
         }
         self.attempts.fetch_add(1, Ordering::AcqRel);
         let id = self.conn_ids.fetch_add(1, Ordering::Relaxed) + 1;
-        let conn = Self::dial(&self.uri, &self.opts, id).await?;
+        let conn = Self::dial(&self.uri, &self.opts, id).await.map_err(|e| {
+            let why = match e {
+                LunError::PathUnreachable { reason } => reason,
+                other => other.to_string(),
+            };
+            LunError::PathUnreachable {
+                reason: format!("reconnect failed: {why}; request not sent"),
+            }
+        })?;
         if conn.info.size != self.size {
             let reason = format!(
                 "{} now reports size {} (was {}); request not sent",
