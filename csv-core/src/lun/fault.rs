@@ -443,6 +443,21 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn wraps_a_shared_dyn_lun() {
+        let shared: Arc<dyn Lun> = Arc::new(MemLun::new(1 << 20));
+        let lun = FaultLun::new(shared.clone());
+        lun.handle()
+            .fail_next(OpSet::MUTATING, 1, FaultError::Fenced(7));
+        assert!(matches!(
+            lun.write_at(0, data(1), false).await,
+            Err(LunError::Fenced { token: 7 })
+        ));
+        lun.write_at(0, data(2), false).await.unwrap();
+        assert_eq!(shared.read_at(0, 512).await.unwrap(), data(2));
+        assert_eq!(lun.describe(), "fault(mem:1048576)");
+    }
+
+    #[tokio::test]
     async fn delay_postpones_every_request() {
         let lun = FaultLun::new(MemLun::new(1 << 20));
         lun.handle().set_delay(Some(Duration::from_millis(50)));

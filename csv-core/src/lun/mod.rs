@@ -10,6 +10,7 @@
 //! - `discard` is advisory: afterwards the range reads as either the old data or zeros;
 //! - `write_zeroes` makes the range read back as zeros.
 
+pub mod conformance;
 pub mod fault;
 pub mod file;
 pub mod mem;
@@ -108,6 +109,35 @@ pub trait Lun: Send + Sync + 'static {
             }
             Ok(())
         })
+    }
+}
+
+/// A shared LUN is a LUN, so wrappers such as [`FaultLun`] can hold what
+/// [`open_lun`] returns (`FaultLun<Arc<dyn Lun>>`).
+impl<L: Lun + ?Sized> Lun for std::sync::Arc<L> {
+    fn size(&self) -> u64 {
+        (**self).size()
+    }
+    fn alignment(&self) -> u32 {
+        (**self).alignment()
+    }
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+    fn read_at(&self, offset: u64, len: usize) -> LunFuture<'_, Bytes> {
+        (**self).read_at(offset, len)
+    }
+    fn write_at(&self, offset: u64, data: Bytes, fua: bool) -> LunFuture<'_, ()> {
+        (**self).write_at(offset, data, fua)
+    }
+    fn flush(&self) -> LunFuture<'_, ()> {
+        (**self).flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> LunFuture<'_, ()> {
+        (**self).discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> LunFuture<'_, ()> {
+        (**self).write_zeroes(offset, len)
     }
 }
 

@@ -946,7 +946,15 @@ impl NbdLun {
         }
         self.attempts.fetch_add(1, Ordering::AcqRel);
         let id = self.conn_ids.fetch_add(1, Ordering::Relaxed) + 1;
-        let conn = Self::dial(&self.uri, &self.opts, id).await?;
+        let conn = Self::dial(&self.uri, &self.opts, id).await.map_err(|e| {
+            let why = match e {
+                LunError::PathUnreachable { reason } => reason,
+                other => other.to_string(),
+            };
+            LunError::PathUnreachable {
+                reason: format!("reconnect failed: {why}; request not sent"),
+            }
+        })?;
         if conn.info.size != self.size {
             let reason = format!(
                 "{} now reports size {} (was {}); request not sent",
@@ -1244,6 +1252,162 @@ mod tests {
                 let _ = handshake(&mut client, "x").await;
             });
         }
+    }
+
+    /// A connection without a socket, with requests 1..=4 pending (three reads, one write).
+    fn socketless_conn() -> (Conn, mpsc::UnboundedReceiver<Outgoing>) {
+        let (out, rx) = mpsc::unbounded_channel();
+        let conn = Conn {
+            id: 0,
+            info: NbdExportInfo {
+                size: 1 << 20,
+                flags: 1,
+                block_size: None,
+                structured: true,
+                negotiation: Negotiation::Go,
+            },
+            state: Mutex::new(ConnState::default()),
+            out,
+            dead: watch::channel(false).0,
+            resolved: watch::channel(0).0,
+            next_cookie: AtomicU64::new(1),
+        };
+        let t = Duration::from_secs(1);
+        for (cmd, off, len) in [
+            (CMD_READ, 0, 512),
+            (CMD_READ, 4096, 64),
+            (CMD_WRITE, 0, 512),
+            (CMD_READ, 512, 1024),
+        ] {
+            // The tickets are dropped: replies are then only bookkeeping, as after a timeout.
+            let _ = conn.submit(cmd, 0, off, len, Bytes::new(), t).unwrap();
+        }
+        (conn, rx)
+    }
+
+    fn arb_reply() -> impl Strategy<Value = Vec<u8>> {
+        let chunk_type = prop_oneof![
+            Just(CHUNK_NONE),
+            Just(CHUNK_OFFSET_DATA),
+            Just(CHUNK_OFFSET_HOLE),
+            Just(0x8001u16),
+            Just(0x8002u16),
+            any::<u16>()
+        ];
+        let structured = (
+            any::<u16>(),
+            chunk_type,
+            0u64..6,
+            0u32..80,
+            proptest::collection::vec(any::<u8>(), 0..80),
+        )
+            .prop_map(|(flags, typ, cookie, len, body)| {
+                let mut b = Vec::new();
+                b.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+                b.extend_from_slice(&flags.to_be_bytes());
+                b.extend_from_slice(&typ.to_be_bytes());
+                b.extend_from_slice(&cookie.to_be_bytes());
+                b.extend_from_slice(&len.to_be_bytes());
+                b.extend_from_slice(&body);
+                b
+            });
+        let simple = (
+            any::<u32>(),
+            0u64..6,
+            proptest::collection::vec(any::<u8>(), 0..40),
+        )
+            .prop_map(|(err, cookie, body)| {
+                let mut b = Vec::new();
+                b.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+                b.extend_from_slice(&err.to_be_bytes());
+                b.extend_from_slice(&cookie.to_be_bytes());
+                b.extend_from_slice(&body);
+                b
+            });
+        let item = prop_oneof![4 => structured, 2 => simple, 1 => proptest::collection::vec(any::<u8>(), 0..32)];
+        proptest::collection::vec(item, 1..8).prop_map(|items| items.concat())
+    }
+
+    proptest! {
+        /// Random and semi-valid reply streams never panic the reply parser, and every
+        /// request it resolves leaves the pending map.
+        #[test]
+        fn reply_parser_never_panics(stream in arb_reply()) {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            rt.block_on(async {
+                let (conn, _rx) = socketless_conn();
+                let mut partials = HashMap::new();
+                let mut rd = &stream[..];
+                while read_reply(&conn, &mut rd, &mut partials).await.is_ok() {}
+                assert!(conn.pending() <= 4);
+            });
+        }
+    }
+
+    #[tokio::test]
+    async fn structured_read_is_assembled_from_data_and_hole_chunks() {
+        let (conn, _rx) = socketless_conn();
+        let mut stream = Vec::new();
+        let chunk = |flags: u16, typ: u16, cookie: u64, body: &[u8]| {
+            let mut b = Vec::new();
+            b.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+            b.extend_from_slice(&flags.to_be_bytes());
+            b.extend_from_slice(&typ.to_be_bytes());
+            b.extend_from_slice(&cookie.to_be_bytes());
+            b.extend_from_slice(&(body.len() as u32).to_be_bytes());
+            b.extend_from_slice(body);
+            b
+        };
+        // Request 4 reads 1024 bytes at 512: data at 1024..1536, hole at 512..1024, out of order.
+        let mut data = 1024u64.to_be_bytes().to_vec();
+        data.extend_from_slice(&[7u8; 512]);
+        let mut hole = 512u64.to_be_bytes().to_vec();
+        hole.extend_from_slice(&512u32.to_be_bytes());
+        stream.extend(chunk(0, CHUNK_OFFSET_DATA, 4, &data));
+        stream.extend(chunk(CHUNK_FLAG_DONE, CHUNK_OFFSET_HOLE, 4, &hole));
+        // Request 1 gets an error chunk and is done.
+        let mut err = 5u32.to_be_bytes().to_vec();
+        err.extend_from_slice(&2u16.to_be_bytes());
+        err.extend_from_slice(b"no");
+        stream.extend(chunk(CHUNK_FLAG_DONE, 0x8001, 1, &err));
+        // Request 2 claims DONE with only half its bytes: an error, not short data.
+        let mut short = 4096u64.to_be_bytes().to_vec();
+        short.extend_from_slice(&[1u8; 32]);
+        stream.extend(chunk(CHUNK_FLAG_DONE, CHUNK_OFFSET_DATA, 2, &short));
+
+        let (tx, rx) = oneshot::channel();
+        conn.lock().pending.get_mut(&4).unwrap().reply = Some(tx);
+        let (tx1, rx1) = oneshot::channel();
+        conn.lock().pending.get_mut(&1).unwrap().reply = Some(tx1);
+        let (tx2, rx2) = oneshot::channel();
+        conn.lock().pending.get_mut(&2).unwrap().reply = Some(tx2);
+        let mut partials = HashMap::new();
+        let mut rd = &stream[..];
+        for _ in 0..4 {
+            read_reply(&conn, &mut rd, &mut partials).await.unwrap();
+        }
+        let got = rx.await.unwrap().unwrap();
+        assert_eq!(&got[..512], &[0u8; 512]);
+        assert_eq!(&got[512..], &[7u8; 512]);
+        assert!(matches!(
+            rx1.await.unwrap(),
+            Err(LunError::Target {
+                op: "read",
+                errno: 5
+            })
+        ));
+        assert!(matches!(
+            rx2.await.unwrap(),
+            Err(LunError::Io { op: "read", .. })
+        ));
+        assert_eq!(conn.pending(), 1, "only the write is left");
+        // A chunk for an unknown cookie is a protocol error (the connection would be killed).
+        let bad = chunk(CHUNK_FLAG_DONE, CHUNK_NONE, 99, &[]);
+        assert!(
+            read_reply(&conn, &mut &bad[..], &mut partials)
+                .await
+                .is_err()
+        );
     }
 
     #[tokio::test]
