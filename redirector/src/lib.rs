@@ -1,1 +1,2 @@
 //! redirector
+pub mod frame;
