@@ -1,2 +1,3 @@
 //! redirector
 pub mod frame;
+pub mod policy;
