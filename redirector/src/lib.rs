@@ -1,1 +1,4 @@
 //! redirector
+pub mod frame;
+pub mod ghost;
+pub mod policy;
