@@ -13,5 +13,4 @@ pub mod node;
 pub mod rpc;
 pub mod state;
 pub mod store;
-pub mod store;
 pub mod types;
