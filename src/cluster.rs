@@ -269,7 +269,8 @@ pub async fn up(opts: &UpOptions, children: &mut Children) -> anyhow::Result<Clu
         &lun.display().to_string(),
         4096,
         crate::format::Existing::Refuse,
-    ).await?;
+    )
+    .await?;
 
     let mut cluster = ClusterFile {
         lun: lun.clone(),
@@ -546,10 +547,10 @@ pub async fn down(dir: &Path, children: &mut Children) -> anyhow::Result<()> {
     stop_nodes(&last, children).await;
     for n in &cluster.nodes {
         unmount_if_mounted(&n.mount);
-        if let Some(pid) = n.san_pid {
-            if pid_alive(pid) {
-                signal(pid, libc::SIGTERM);
-            }
+        if let Some(pid) = n.san_pid
+            && pid_alive(pid)
+        {
+            signal(pid, libc::SIGTERM);
         }
     }
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -589,7 +590,11 @@ async fn stop_nodes(nodes: &[&NodeEntry], children: &mut Children) {
         }
         if Instant::now() > deadline {
             for n in alive {
-                tracing::warn!(node = n.id, pid = n.pid, "node did not stop in time; killing it");
+                tracing::warn!(
+                    node = n.id,
+                    pid = n.pid,
+                    "node did not stop in time; killing it"
+                );
                 signal(n.pid, libc::SIGKILL);
             }
             tokio::time::sleep(Duration::from_millis(200)).await;

@@ -37,7 +37,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     };
     let lun = csv_core::lun::open_lun(&cfg.lun, &opts)
         .await
-    .with_context(|| format!("cannot attach LUN {}", cfg.lun))?;
+        .with_context(|| format!("cannot attach LUN {}", cfg.lun))?;
     let sb = csv_core::superblock::read(lun.as_ref())
         .await
         .with_context(|| format!("LUN {} is not usable", cfg.lun))?;

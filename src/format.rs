@@ -15,7 +15,11 @@ pub enum Existing {
 }
 
 /// Formats the LUN named by `spec` (path or NBD URI).
-pub async fn format_lun(spec: &str, block_size: u32, existing: Existing) -> anyhow::Result<Superblock> {
+pub async fn format_lun(
+    spec: &str,
+    block_size: u32,
+    existing: Existing,
+) -> anyhow::Result<Superblock> {
     if !block_size.is_power_of_two() || !(512..=65536).contains(&block_size) {
         bail!("block size {block_size} must be a power of two between 512 and 65536");
     }

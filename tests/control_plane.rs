@@ -78,7 +78,15 @@ async fn an_exclusive_lock_is_exclusive_across_nodes_and_tokens_increase() {
     assert!(matches!(shared, Reply::Lock(Err(_))), "{shared:?}");
     // Re-acquiring by the holder is idempotent.
     assert_eq!(c.acquire(1, "vm-disk").await.unwrap(), t1);
-    match c.call(1, Request::LockRelease { key: "vm-disk".into() }).await {
+    match c
+        .call(
+            1,
+            Request::LockRelease {
+                key: "vm-disk".into(),
+            },
+        )
+        .await
+    {
         Reply::Lock(Ok(_)) => {}
         other => panic!("{other:?}"),
     }
@@ -144,7 +152,16 @@ async fn a_node_paused_past_its_ttl_finds_its_lock_gone_and_token_stale() {
     assert!(t2 > t1);
     c.signal(paused, libc::SIGCONT);
     // On resuming, the node must not consider its old grant valid.
-    match c.call(paused, Request::LockValidate { key: "vm".into(), token: t1 }).await {
+    match c
+        .call(
+            paused,
+            Request::LockValidate {
+                key: "vm".into(),
+                token: t1,
+            },
+        )
+        .await
+    {
         Reply::Lock(Err(e)) => eprintln!("resumed node {paused} was told: {e}"),
         other => panic!("stale token accepted after resume: {other:?}"),
     }
@@ -152,11 +169,17 @@ async fn a_node_paused_past_its_ttl_finds_its_lock_gone_and_token_stale() {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let st = c.client().statuses(Duration::from_secs(1)).await;
-        let s = st.iter().find(|(id, _)| *id == paused).and_then(|(_, s)| s.clone());
+        let s = st
+            .iter()
+            .find(|(id, _)| *id == paused)
+            .and_then(|(_, s)| s.clone());
         if s.is_some_and(|s| s.session.is_some()) {
             break;
         }
-        assert!(Instant::now() < deadline, "paused node did not reopen a session");
+        assert!(
+            Instant::now() < deadline,
+            "paused node did not reopen a session"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(lock_holder(&c, "vm").await, Some((other, t2)));
@@ -199,7 +222,9 @@ async fn restarting_every_node_keeps_all_committed_state() {
     for n in [1, 2, 3] {
         c.restart(n);
     }
-    cluster::wait_ready(&c.file, Duration::from_secs(60)).await.unwrap();
+    cluster::wait_ready(&c.file, Duration::from_secs(60))
+        .await
+        .unwrap();
     let client = c.client();
     let QueryReply::Volume(volume_after) = client.query(Query::Volume).await.unwrap() else {
         panic!()
@@ -210,14 +235,19 @@ async fn restarting_every_node_keeps_all_committed_state() {
         panic!()
     };
     let addrs = |v: &Vec<csv_core::meta::NodeRecord>| {
-        v.iter().map(|n| (n.id, n.rpc_addr.clone())).collect::<Vec<_>>()
+        v.iter()
+            .map(|n| (n.id, n.rpc_addr.clone()))
+            .collect::<Vec<_>>()
     };
     assert_eq!(addrs(&nodes), addrs(&nodes_after));
     // Sessions are new (a restarted node drops its old session and with it its locks),
     // but everything else committed is there: the fencing-token counter goes on.
     assert!(nodes_after.iter().all(|n| n.session.is_some()));
     let next = c.acquire(3, "after-restart").await.unwrap();
-    assert!(next > last, "fencing tokens went back after a restart: {last} then {next}");
+    assert!(
+        next > last,
+        "fencing tokens went back after a restart: {last} then {next}"
+    );
     let applied_after = client
         .statuses(Duration::from_secs(2))
         .await
@@ -234,7 +264,11 @@ async fn unauthenticated_and_malformed_rpc_is_refused_without_crashing_the_node(
     let c = TestCluster::up(1).await;
     let addr = c.file.node(1).unwrap().rpc.clone();
     // Garbage.
-    for junk in [&b"\x00\x01\x02"[..], &[0xffu8; 4096][..], b"CSVRPC\0\x01\x00\x09xxxxxxxx"] {
+    for junk in [
+        &b"\x00\x01\x02"[..],
+        &[0xffu8; 4096][..],
+        b"CSVRPC\0\x01\x00\x09xxxxxxxx",
+    ] {
         let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
         let _ = s.write_all(junk).await;
         let _ = s.shutdown().await;
@@ -247,12 +281,20 @@ async fn unauthenticated_and_malformed_rpc_is_refused_without_crashing_the_node(
         lockmgr::rpc::auth::ClusterKey::from_secret(b"not-the-cluster-secret").unwrap(),
         77,
     );
-    assert!(intruder.call(Request::Status, Duration::from_secs(5)).await.is_err());
+    assert!(
+        intruder
+            .call(Request::Status, Duration::from_secs(5))
+            .await
+            .is_err()
+    );
     // Still alive and serving.
     assert!(cluster::pid_alive(c.pid(1)));
     assert!(c.acquire(1, "still-works").await.is_ok());
     let log = c.log(1);
-    assert!(log.contains("refused RPC peer"), "refusals must be logged:\n{log}");
+    assert!(
+        log.contains("refused RPC peer"),
+        "refusals must be logged:\n{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -306,10 +348,16 @@ async fn a_node_with_the_wrong_lun_is_refused() {
 
     // A LUN that is not a csvd volume at all.
     let blank = c.path().join("blank.img");
-    std::fs::File::create(&blank).unwrap().set_len(64 << 20).unwrap();
+    std::fs::File::create(&blank)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
     let cfg2 = std::fs::read_to_string(nd.join("node.toml"))
         .unwrap()
-        .replace(&other_lun.display().to_string(), &blank.display().to_string());
+        .replace(
+            &other_lun.display().to_string(),
+            &blank.display().to_string(),
+        );
     std::fs::write(nd.join("node.toml"), cfg2).unwrap();
     let out = tokio::process::Command::new(csvd_bin())
         .arg("--config")
@@ -326,7 +374,11 @@ async fn a_node_with_the_wrong_lun_is_refused() {
 async fn a_bad_config_gets_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("node.toml");
-    std::fs::write(&p, "node_id = 0\ndata_dir = \"/tmp\"\nlun = \"x\"\nsecret_file = \"s\"\nbootstrap = true\n").unwrap();
+    std::fs::write(
+        &p,
+        "node_id = 0\ndata_dir = \"/tmp\"\nlun = \"x\"\nsecret_file = \"s\"\nbootstrap = true\n",
+    )
+    .unwrap();
     let out = tokio::process::Command::new(csvd_bin())
         .arg("--config")
         .arg(&p)

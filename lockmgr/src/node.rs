@@ -100,7 +100,12 @@ impl std::fmt::Debug for MetaConfig {
 
 impl MetaConfig {
     /// Defaults for everything but identity and addresses.
-    pub fn new(node_id: NodeId, rpc_listen: SocketAddr, data_dir: PathBuf, key: ClusterKey) -> Self {
+    pub fn new(
+        node_id: NodeId,
+        rpc_listen: SocketAddr,
+        data_dir: PathBuf,
+        key: ClusterKey,
+    ) -> Self {
         MetaConfig {
             node_id,
             rpc_listen,
@@ -171,10 +176,7 @@ pub enum SessionState {
     /// Not opened yet.
     Opening,
     /// Valid until `valid_until` (local monotonic time, already minus the margin).
-    Live {
-        id: SessionId,
-        valid_until: Instant,
-    },
+    Live { id: SessionId, valid_until: Instant },
     /// The session could not be renewed in time or was expired by the cluster.
     /// Locks it held are presumed gone; the node reopens a new session.
     Lost { previous: SessionId },
@@ -200,7 +202,9 @@ pub struct MetaNode {
 
 impl std::fmt::Debug for MetaNode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MetaNode").field("id", &self.cfg.node_id).finish_non_exhaustive()
+        f.debug_struct("MetaNode")
+            .field("id", &self.cfg.node_id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -242,12 +246,13 @@ impl MetaNode {
         .await
         .map_err(|e| NodeError::Raft(e.to_string()))?;
 
-        let listener = TcpListener::bind(cfg.rpc_listen)
-            .await
-            .map_err(|source| NodeError::Listen {
-                addr: cfg.rpc_listen,
-                source,
-            })?;
+        let listener =
+            TcpListener::bind(cfg.rpc_listen)
+                .await
+                .map_err(|source| NodeError::Listen {
+                    addr: cfg.rpc_listen,
+                    source,
+                })?;
         let local_addr = listener.local_addr().map_err(|source| NodeError::Listen {
             addr: cfg.rpc_listen,
             source,
@@ -628,7 +633,10 @@ impl MetaNode {
                         Ok(Response::Ok) => {
                             // Only extend if the lease did not lapse meanwhile.
                             self.session_tx.send_if_modified(|s| match s {
-                                SessionState::Live { id: cur, valid_until: v } if *cur == id => {
+                                SessionState::Live {
+                                    id: cur,
+                                    valid_until: v,
+                                } if *cur == id => {
                                     *v = (*v).max(sent + self.lease_len());
                                     true
                                 }
@@ -637,7 +645,8 @@ impl MetaNode {
                         }
                         Ok(Response::Err(MetaError::SessionExpired(_))) => {
                             tracing::warn!(session = id, "metadata session expired; locks lost");
-                            self.session_tx.send_replace(SessionState::Lost { previous: id });
+                            self.session_tx
+                                .send_replace(SessionState::Lost { previous: id });
                         }
                         Ok(other) => tracing::warn!(?other, "unexpected keep-alive answer"),
                         Err(e) => {
@@ -811,9 +820,12 @@ impl MetaNode {
                 };
                 Reply::Lock(self.acquire(&key, mode).await.map_err(|e| e.to_string()))
             }
-            Request::LockRelease { key } => {
-                Reply::Lock(self.release(&key).await.map(|_| 0).map_err(|e| e.to_string()))
-            }
+            Request::LockRelease { key } => Reply::Lock(
+                self.release(&key)
+                    .await
+                    .map(|_| 0)
+                    .map_err(|e| e.to_string()),
+            ),
             Request::LockValidate { key, token } => Reply::Lock(
                 self.validate(&key, token)
                     .await
@@ -842,10 +854,10 @@ impl MetaNode {
                 leader_addr,
             });
         }
-        if let Some(existing) = m.membership_config.membership().get_node(&node) {
-            if existing.rpc_addr == rpc_addr {
-                return Ok(());
-            }
+        if let Some(existing) = m.membership_config.membership().get_node(&node)
+            && existing.rpc_addr == rpc_addr
+        {
+            return Ok(());
         }
         self.raft
             .add_learner(node, RaftNode { rpc_addr }, false)
@@ -930,7 +942,11 @@ impl MetaNode {
             .and_then(|l| l.holders.iter().map(|h| h.token).max())
             .unwrap_or(0);
         let ours = info
-            .map(|l| l.holders.iter().any(|h| h.session == session && h.token == token))
+            .map(|l| {
+                l.holders
+                    .iter()
+                    .any(|h| h.session == session && h.token == token)
+            })
             .unwrap_or(false);
         if ours {
             Ok(())
@@ -952,14 +968,17 @@ impl MetaNode {
         self.stop_requested.cancel();
         self.loops.cancel();
         let graceful = async {
-            if let Some(id) = session {
-                if let Err(e) = self.write(Op::CloseSession { session: id }).await {
-                    tracing::warn!(error = %e, "could not close the metadata session");
-                }
+            if let Some(id) = session
+                && let Err(e) = self.write(Op::CloseSession { session: id }).await
+            {
+                tracing::warn!(error = %e, "could not close the metadata session");
             }
             self.leave().await;
         };
-        if tokio::time::timeout(SHUTDOWN_GRACE, graceful).await.is_err() {
+        if tokio::time::timeout(SHUTDOWN_GRACE, graceful)
+            .await
+            .is_err()
+        {
             tracing::warn!("graceful leave did not finish in {SHUTDOWN_GRACE:?}; stopping anyway");
         }
         self.cancel.cancel();
@@ -974,8 +993,17 @@ impl MetaNode {
     async fn leave(&self) {
         let me = self.cfg.node_id;
         let m = self.raft.metrics().borrow().clone();
-        let is_voter = m.membership_config.membership().voter_ids().any(|v| v == me);
-        let has_learner = m.membership_config.membership().learner_ids().next().is_some();
+        let is_voter = m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == me);
+        let has_learner = m
+            .membership_config
+            .membership()
+            .learner_ids()
+            .next()
+            .is_some();
         if !is_voter || !has_learner {
             return;
         }

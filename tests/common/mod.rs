@@ -36,7 +36,10 @@ impl TestCluster {
     }
 
     pub async fn up_with(nodes: usize, tweak: impl FnOnce(&mut UpOptions)) -> TestCluster {
-        let dir = tempfile::Builder::new().prefix("csvd-test-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("csvd-test-")
+            .tempdir()
+            .unwrap();
         let mut opts = options(dir.path(), nodes);
         tweak(&mut opts);
         let mut children = Children::default();
@@ -104,12 +107,12 @@ impl TestCluster {
                 .filter(|(id, _)| nodes.contains(id))
                 .map(|(_, s)| s.as_ref().and_then(|s| s.leader))
                 .collect();
-            if leaders.len() == nodes.len() {
-                if let Some(Some(l)) = leaders.first() {
-                    if leaders.iter().all(|x| *x == Some(*l)) && nodes.contains(l) {
-                        return *l;
-                    }
-                }
+            if leaders.len() == nodes.len()
+                && let Some(Some(l)) = leaders.first()
+                && leaders.iter().all(|x| *x == Some(*l))
+                && nodes.contains(l)
+            {
+                return *l;
             }
             assert!(
                 Instant::now() < deadline,
@@ -161,7 +164,9 @@ impl Drop for TestCluster {
 
 /// SIGKILL every process of the cluster in `dir` and remove its mounts.
 pub fn kill_everything(dir: &Path) {
-    let Ok(c) = ClusterFile::load(dir) else { return };
+    let Ok(c) = ClusterFile::load(dir) else {
+        return;
+    };
     for n in &c.nodes {
         cluster::signal(n.pid, libc::SIGCONT);
         cluster::signal(n.pid, libc::SIGKILL);
@@ -195,7 +200,10 @@ pub fn dump_logs(dir: &Path) {
 pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !cond() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -208,10 +208,10 @@ impl RpcClient {
 
     async fn connection(&self, timeout: Duration) -> Result<Arc<Conn>, RpcError> {
         let mut guard = self.conn.lock().await;
-        if let Some(c) = guard.as_ref() {
-            if !c.alive.is_cancelled() {
-                return Ok(c.clone());
-            }
+        if let Some(c) = guard.as_ref()
+            && !c.alive.is_cancelled()
+        {
+            return Ok(c.clone());
         }
         let conn = tokio::time::timeout(timeout, self.connect())
             .await
