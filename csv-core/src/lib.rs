@@ -5,4 +5,5 @@
 
 pub mod lun;
 pub mod meta;
+pub mod op;
 pub mod superblock;
