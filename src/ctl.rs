@@ -61,6 +61,23 @@ pub enum Cmd {
     /// Start or stop a whole local cluster.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// Benchmarks against a running cluster.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// Metadata operations per second with p50/p99 latency: create an entry; acquire and
+    /// release a lock. Workers are spread over the nodes.
+    Meta {
+        #[arg(long, default_value_t = 2000)]
+        ops: usize,
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -307,6 +324,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .context("waiting for Ctrl-C")?;
             eprintln!("stopping the cluster ...");
             cluster::down(dir, &mut children).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench(BenchCmd::Meta {
+            ops,
+            concurrency,
+            json,
+        }) => {
+            let dir = cli
+                .cluster
+                .as_ref()
+                .context("bench needs --cluster DIR (or CSV_CLUSTER)")?;
+            let rows = crate::bench::meta(&ClusterFile::load(dir)?, ops, concurrency).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", crate::bench::table(&rows));
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Cluster(ClusterCmd::Down { ref dir }) => {

@@ -3,6 +3,7 @@
 //! Binaries are thin: `src/bin/csvd.rs` and `src/bin/csvctl.rs` parse arguments and
 //! call into this library, which the integration tests in `tests/` drive directly.
 
+pub mod bench;
 pub mod client;
 pub mod cluster;
 pub mod config;

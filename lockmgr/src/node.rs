@@ -832,6 +832,11 @@ impl MetaNode {
                     .map(|_| token)
                     .map_err(|e| e.to_string()),
             ),
+            Request::Submit(op) => Reply::Write(
+                self.write(op)
+                    .await
+                    .map_err(|e| LeaderError::Unavailable(e.to_string())),
+            ),
             Request::Query(q) => Reply::Query(
                 self.query(q)
                     .await

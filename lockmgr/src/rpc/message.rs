@@ -63,6 +63,8 @@ pub enum Request {
         key: String,
         token: u64,
     },
+    /// A metadata change submitted to any node, which forwards it to the leader.
+    Submit(Op),
 }
 
 /// Reads of the metadata (what `csvctl` shows).
