@@ -23,7 +23,7 @@ use bytes::{Bytes, BytesMut};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
@@ -657,24 +657,12 @@ where
             return Ok(());
         }
         let check = validate(ctx, &req, cfg.max_payload, shared.shutdown.is_cancelled());
-        let mut budget_permit = None;
-        let payload = if req.command.has_payload() {
-            if check.is_ok() {
-                let permits = req.length.clamp(1, cfg.payload_budget);
-                budget_permit = budget.clone().acquire_many_owned(permits).await.ok();
-                let mut buf = BytesMut::zeroed(req.length as usize);
-                rd.read_exact(&mut buf).await?;
-                buf.freeze()
-            } else {
-                tokio::io::copy(
-                    &mut (&mut *rd).take(req.length as u64),
-                    &mut tokio::io::sink(),
-                )
-                .await?;
-                Bytes::new()
-            }
-        } else {
-            Bytes::new()
+        // A client stalling mid-payload must not delay disconnect() or shutdown.
+        let (payload, mut budget_permit) = tokio::select! {
+            biased;
+            _ = kill.cancelled() => return Ok(()),
+            _ = &mut grace => return Ok(()),
+            p = read_payload(rd, &req, check.is_ok(), &budget, cfg.payload_budget) => p?,
         };
         let writes = matches!(
             req.command,
@@ -687,7 +675,7 @@ where
         let admission = match admission {
             Ok(a) => a,
             Err(errno) => {
-                let frame = error_frame(ctx.structured, &req, errno, "request refused");
+                let frame = error_frame(ctx.structured, &req, errno, refusal_message(errno));
                 if ctx.replies.send(frame).await.is_err() {
                     return Ok(());
                 }
@@ -712,6 +700,44 @@ where
             .instrument(span),
         );
     }
+}
+
+/// Short text for an error chunk of a request refused before it reached the device.
+fn refusal_message(errno: Errno) -> &'static str {
+    match errno {
+        Errno::Inval => "invalid request: command, flags or range",
+        Errno::NoSpc => "write beyond the end of the export",
+        Errno::Perm => "export is read-only or writes were revoked",
+        Errno::Overflow => "request larger than the maximum payload",
+        Errno::Shutdown => "server is shutting down",
+        Errno::Io | Errno::NoMem | Errno::NotSup => "request refused",
+    }
+}
+
+/// Reads a WRITE payload (within the byte budget), or drains it when the request is refused.
+async fn read_payload<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    req: &Request,
+    accepted: bool,
+    budget: &Arc<Semaphore>,
+    budget_total: u32,
+) -> io::Result<(Bytes, Option<OwnedSemaphorePermit>)> {
+    if !req.command.has_payload() {
+        return Ok((Bytes::new(), None));
+    }
+    if !accepted {
+        tokio::io::copy(
+            &mut (&mut *rd).take(req.length as u64),
+            &mut tokio::io::sink(),
+        )
+        .await?;
+        return Ok((Bytes::new(), None));
+    }
+    let permits = req.length.clamp(1, budget_total);
+    let permit = budget.clone().acquire_many_owned(permits).await.ok();
+    let mut buf = BytesMut::zeroed(req.length as usize);
+    rd.read_exact(&mut buf).await?;
+    Ok((buf.freeze(), permit))
 }
 
 /// Checks a request against the negotiated state and the device, in the order the spec's
