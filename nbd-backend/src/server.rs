@@ -1,0 +1,1086 @@
+//! The tokio NBD server: accept loop, fixed-newstyle handshake, transmission.
+//!
+//! Per connection in transmission: one reader (this task) parses request headers and WRITE
+//! payloads, validates them and spawns one task per request; one writer task serialises reply
+//! frames in completion order (out-of-order replies). `max_in_flight` slots and a payload byte
+//! budget give back-pressure. Invariants:
+//! * every request gets exactly one reply frame, except DISC (none); a WRITE's payload is always
+//!   consumed (drained on error) before the next header is read;
+//! * with simple replies a READ's I/O completes before its header is sent (no header-then-error);
+//! * errors become NBD error values only here ([`errno_for`]); host errnos never reach the wire;
+//! * the connection ends only after all its request tasks finished and their replies were
+//!   queued (DISC, EOF, protocol violation, `disconnect()`, or shutdown after the grace period);
+//!   a connection that wrote anything flushes the device before closing.
+
+use std::collections::HashMap;
+use std::error::Error as StdError;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::connection::{ConnectionEvents, ConnectionHandle, ConnectionId};
+use crate::export::{
+    BlockDevice, DeviceError, ExportError, ExportProvider, Extent, OpenPurpose, ReadChunk, ZeroMode,
+};
+use crate::proto::{self, ClientOption, Command, Errno, ProtoError, Request};
+
+/// The id of `base:allocation` in SET_META_CONTEXT replies and BLOCK_STATUS chunks.
+const BASE_ALLOCATION_ID: u32 = 1;
+/// Oversized options up to this length are drained and refused politely; beyond, the
+/// connection is dropped after the refusal.
+const OPTION_DRAIN_LIMIT: u32 = 1 << 20;
+/// Cap on extents in one BLOCK_STATUS chunk (8 KiB of payload).
+const MAX_EXTENTS: usize = 1024;
+/// Advertised preferred block size.
+const PREFERRED_BLOCK: u32 = 4096;
+
+/// Tunables of the server.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Requests processed concurrently per connection.
+    pub max_in_flight: usize,
+    /// Largest READ/WRITE payload (advertised as the maximum block size).
+    pub max_payload: u32,
+    /// Bytes of READ/WRITE payload buffered per connection at once.
+    pub payload_budget: u32,
+    /// Largest option data accepted during the handshake.
+    pub max_option_len: u32,
+    /// Time a client has to finish the handshake.
+    pub handshake_timeout: Duration,
+    /// After shutdown starts, how long connections keep answering (with ESHUTDOWN) so that
+    /// clients can disconnect cleanly.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            max_in_flight: 64,
+            max_payload: 32 << 20,
+            payload_budget: 128 << 20,
+            max_option_len: 16 << 10,
+            handshake_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The server could not keep serving a listener.
+#[derive(Debug, Error)]
+pub enum ServerError {
+    #[error("accepting an NBD connection failed")]
+    Accept(#[source] io::Error),
+}
+
+/// Why one connection ended abnormally (logged; never fatal for the server).
+#[derive(Debug, Error)]
+enum ConnError {
+    #[error("connection I/O failed")]
+    Io(#[from] io::Error),
+    #[error("client violated the protocol")]
+    Proto(#[from] ProtoError),
+    #[error("client sent unknown handshake flags {0:#x}")]
+    ClientFlags(u32),
+    #[error("client without fixed newstyle sent option {0}")]
+    NotFixedNewstyle(u32),
+    #[error("client sent option {option} with {len} bytes of data")]
+    OptionTooLarge { option: u32, len: u32 },
+    #[error("client did not finish the handshake in time")]
+    HandshakeTimeout,
+    #[error("export {name:?} requested with NBD_OPT_EXPORT_NAME cannot be served")]
+    ExportName {
+        name: String,
+        #[source]
+        source: ExportError,
+    },
+}
+
+/// An NBD server over an [`ExportProvider`]. Cheap to clone; clones share state.
+#[derive(Clone)]
+pub struct NbdServer {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    provider: Arc<dyn ExportProvider>,
+    events: Option<Arc<dyn ConnectionEvents>>,
+    config: ServerConfig,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    conns: Mutex<HashMap<ConnectionId, ConnectionHandle>>,
+    next_id: AtomicU64,
+}
+
+impl NbdServer {
+    pub fn new(
+        provider: Arc<dyn ExportProvider>,
+        config: ServerConfig,
+        events: Option<Arc<dyn ConnectionEvents>>,
+    ) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                provider,
+                events,
+                config,
+                shutdown: CancellationToken::new(),
+                tasks: TaskTracker::new(),
+                conns: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// Accepts TCP clients until shutdown.
+    pub async fn serve_tcp(&self, listener: TcpListener) -> Result<(), ServerError> {
+        loop {
+            let accepted = tokio::select! {
+                _ = self.shared.shutdown.cancelled() => return Ok(()),
+                r = listener.accept() => r,
+            };
+            match accepted {
+                Ok((stream, addr)) => {
+                    if let Err(e) = stream.set_nodelay(true) {
+                        debug!(error = %e, "cannot set TCP_NODELAY");
+                    }
+                    self.spawn_connection(stream, addr.to_string());
+                }
+                Err(e) => accept_failed(e).await?,
+            }
+        }
+    }
+
+    /// Accepts unix-socket clients until shutdown.
+    pub async fn serve_unix(&self, listener: UnixListener) -> Result<(), ServerError> {
+        loop {
+            let accepted = tokio::select! {
+                _ = self.shared.shutdown.cancelled() => return Ok(()),
+                r = listener.accept() => r,
+            };
+            match accepted {
+                Ok((stream, addr)) => {
+                    let peer = addr
+                        .as_pathname()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_else(|| "unix".to_owned());
+                    self.spawn_connection(stream, peer);
+                }
+                Err(e) => accept_failed(e).await?,
+            }
+        }
+    }
+
+    /// Serves one already-connected stream on a tracked task.
+    pub fn spawn_connection<S>(&self, stream: S, peer: String)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let shared = self.shared.clone();
+        let span = info_span!("nbd_conn", peer = %peer);
+        self.shared.tasks.spawn(
+            async move {
+                if let Err(e) = serve_connection(shared, stream, peer).await {
+                    warn!(error = %chain(&e), "NBD connection closed");
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Connections currently in transmission phase.
+    pub fn connections(&self) -> Vec<ConnectionHandle> {
+        lock(&self.shared.conns).values().cloned().collect()
+    }
+
+    /// The token that starts shutdown when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shared.shutdown.clone()
+    }
+
+    /// Stops accepting, answers new requests with ESHUTDOWN, and waits until every
+    /// connection has finished (clients disconnect, or the grace period ends).
+    pub async fn shutdown(&self) {
+        self.shared.shutdown.cancel();
+        self.shared.tasks.close();
+        self.shared.tasks.wait().await;
+    }
+}
+
+async fn accept_failed(e: io::Error) -> Result<(), ServerError> {
+    // Resource exhaustion and aborted handshakes are transient: back off briefly and go on.
+    let transient = matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::ECONNABORTED)
+    );
+    if transient {
+        warn!(error = %e, "accept failed; retrying");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        Ok(())
+    } else {
+        Err(ServerError::Accept(e))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// `Display` of an error and all its sources, joined by ": ".
+fn chain(e: &dyn StdError) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(cause) = src {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        src = cause.source();
+    }
+    s
+}
+
+/// What the handshake settled on.
+struct Session {
+    name: String,
+    device: Arc<dyn BlockDevice>,
+    structured: bool,
+    meta_context: Option<u32>,
+}
+
+async fn serve_connection<S>(
+    shared: Arc<Shared>,
+    mut stream: S,
+    peer: String,
+) -> Result<(), ConnError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let negotiated = tokio::select! {
+        _ = shared.shutdown.cancelled() => return Ok(()),
+        r = tokio::time::timeout(shared.config.handshake_timeout, handshake(&shared, &mut stream)) => r,
+    };
+    let Some(session) = negotiated.map_err(|_| ConnError::HandshakeTimeout)?? else {
+        return Ok(());
+    };
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let conn = ConnectionHandle::new(id, session.name.clone(), peer, session.device.read_only());
+    lock(&shared.conns).insert(id, conn.clone());
+    if let Some(ev) = &shared.events {
+        ev.opened(&conn);
+    }
+    debug!(export = %session.name, id, "transmission started");
+    let result = transmission(&shared, stream, session, &conn).await;
+    lock(&shared.conns).remove(&id);
+    if let Some(ev) = &shared.events {
+        ev.closed(&conn);
+    }
+    result
+}
+
+fn transmission_flags(dev: &dyn BlockDevice, structured: bool) -> u16 {
+    let mut f = proto::TFLAG_HAS_FLAGS | proto::TFLAG_SEND_FLUSH | proto::TFLAG_SEND_CACHE;
+    if dev.read_only() {
+        f |= proto::TFLAG_READ_ONLY;
+    } else {
+        f |= proto::TFLAG_SEND_FUA
+            | proto::TFLAG_SEND_TRIM
+            | proto::TFLAG_SEND_WRITE_ZEROES
+            | proto::TFLAG_SEND_FAST_ZERO;
+    }
+    if structured {
+        f |= proto::TFLAG_SEND_DF;
+    }
+    if dev.can_multi_conn() {
+        f |= proto::TFLAG_CAN_MULTI_CONN;
+    }
+    f
+}
+
+/// Minimum block size: 512 unless the size is not a multiple of it (qemu refuses a writable
+/// export whose size is not a multiple of the advertised minimum).
+fn min_block(size: u64) -> u32 {
+    if size.is_multiple_of(512) { 512 } else { 1 }
+}
+
+fn export_error_reply(e: &ExportError) -> u32 {
+    match e {
+        ExportError::Denied(_) => proto::REP_ERR_POLICY,
+        ExportError::NotFound(_) | ExportError::Open { .. } | ExportError::Vhd { .. } => {
+            proto::REP_ERR_UNKNOWN
+        }
+    }
+}
+
+/// Runs option haggling. `Ok(None)`: the client aborted.
+async fn handshake<S>(shared: &Shared, s: &mut S) -> Result<Option<Session>, ConnError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut out = BytesMut::new();
+    proto::encode_greeting(&mut out, proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES);
+    s.write_all(&out).await?;
+    let cflags = s.read_u32().await?;
+    if cflags & !proto::KNOWN_CLIENT_FLAGS != 0 {
+        return Err(ConnError::ClientFlags(cflags));
+    }
+    let fixed = cflags & proto::FLAG_C_FIXED_NEWSTYLE != 0;
+    let no_zeroes = cflags & proto::FLAG_C_NO_ZEROES != 0;
+    let mut structured = false;
+    // Export for which base:allocation is selected.
+    let mut meta_export: Option<String> = None;
+    loop {
+        let mut hdr = [0u8; proto::OPTION_HEADER_LEN];
+        s.read_exact(&mut hdr).await?;
+        let h = proto::parse_option_header(&hdr)?;
+        if !fixed && h.option != proto::OPT_EXPORT_NAME {
+            return Err(ConnError::NotFixedNewstyle(h.option));
+        }
+        out.clear();
+        if h.length > shared.config.max_option_len {
+            let too_big = ConnError::OptionTooLarge {
+                option: h.option,
+                len: h.length,
+            };
+            if h.option == proto::OPT_EXPORT_NAME {
+                return Err(too_big);
+            }
+            let keep = h.length <= OPTION_DRAIN_LIMIT;
+            if keep {
+                tokio::io::copy(&mut (&mut *s).take(h.length as u64), &mut tokio::io::sink())
+                    .await?;
+            }
+            proto::encode_option_reply(
+                &mut out,
+                h.option,
+                proto::REP_ERR_TOO_BIG,
+                b"option data too large",
+            );
+            s.write_all(&out).await?;
+            if keep {
+                continue;
+            }
+            return Err(too_big);
+        }
+        let mut data = vec![0u8; h.length as usize];
+        s.read_exact(&mut data).await?;
+        let opt = match proto::parse_option(h.option, &data) {
+            Ok(o) => o,
+            Err(e) if h.option == proto::OPT_EXPORT_NAME => return Err(e.into()),
+            Err(e) => {
+                let msg = e.to_string();
+                proto::encode_option_reply(
+                    &mut out,
+                    h.option,
+                    proto::REP_ERR_INVALID,
+                    msg.as_bytes(),
+                );
+                s.write_all(&out).await?;
+                continue;
+            }
+        };
+        match opt {
+            ClientOption::ExportName(name) => {
+                let device = shared
+                    .provider
+                    .open(&name, OpenPurpose::Serve)
+                    .await
+                    .map_err(|source| ConnError::ExportName {
+                        name: name.clone(),
+                        source,
+                    })?;
+                let flags = transmission_flags(device.as_ref(), structured);
+                proto::encode_export_name_reply(&mut out, device.size(), flags, no_zeroes);
+                s.write_all(&out).await?;
+                let meta_context =
+                    (meta_export.as_deref() == Some(name.as_str())).then_some(BASE_ALLOCATION_ID);
+                return Ok(Some(Session {
+                    name,
+                    device,
+                    structured,
+                    meta_context,
+                }));
+            }
+            ClientOption::Abort => {
+                proto::encode_option_reply(&mut out, h.option, proto::REP_ACK, &[]);
+                // The client may already have closed its end.
+                let _ = s.write_all(&out).await;
+                return Ok(None);
+            }
+            ClientOption::List => {
+                for name in shared.provider.list().await {
+                    if name.len() <= proto::MAX_STRING_LEN {
+                        let d = proto::server_reply_data(&name);
+                        proto::encode_option_reply(&mut out, h.option, proto::REP_SERVER, &d);
+                    }
+                }
+                proto::encode_option_reply(&mut out, h.option, proto::REP_ACK, &[]);
+            }
+            ClientOption::Info(req) | ClientOption::Go(req) => {
+                let go = h.option == proto::OPT_GO;
+                if shared.shutdown.is_cancelled() {
+                    proto::encode_option_reply(
+                        &mut out,
+                        h.option,
+                        proto::REP_ERR_SHUTDOWN,
+                        b"server is shutting down",
+                    );
+                } else {
+                    let purpose = if go {
+                        OpenPurpose::Serve
+                    } else {
+                        OpenPurpose::Info
+                    };
+                    match shared.provider.open(&req.name, purpose).await {
+                        Err(e) => {
+                            let msg = chain(&e);
+                            proto::encode_option_reply(
+                                &mut out,
+                                h.option,
+                                export_error_reply(&e),
+                                msg.as_bytes(),
+                            );
+                        }
+                        Ok(device) => {
+                            let size = device.size();
+                            let flags = transmission_flags(device.as_ref(), structured);
+                            let infos = [
+                                proto::info_export_data(size, flags),
+                                proto::info_block_size_data(
+                                    min_block(size),
+                                    PREFERRED_BLOCK,
+                                    shared.config.max_payload,
+                                ),
+                            ];
+                            for d in &infos {
+                                proto::encode_option_reply(&mut out, h.option, proto::REP_INFO, d);
+                            }
+                            if req.info_requests.contains(&proto::INFO_NAME) {
+                                let d = proto::info_string_data(proto::INFO_NAME, &req.name);
+                                proto::encode_option_reply(&mut out, h.option, proto::REP_INFO, &d);
+                            }
+                            proto::encode_option_reply(&mut out, h.option, proto::REP_ACK, &[]);
+                            if go {
+                                s.write_all(&out).await?;
+                                let meta_context = (meta_export.as_deref()
+                                    == Some(req.name.as_str()))
+                                .then_some(BASE_ALLOCATION_ID);
+                                return Ok(Some(Session {
+                                    name: req.name,
+                                    device,
+                                    structured,
+                                    meta_context,
+                                }));
+                            }
+                        }
+                    }
+                }
+            }
+            ClientOption::StructuredReply => {
+                if structured {
+                    proto::encode_option_reply(
+                        &mut out,
+                        h.option,
+                        proto::REP_ERR_INVALID,
+                        b"structured replies already negotiated",
+                    );
+                } else {
+                    structured = true;
+                    proto::encode_option_reply(&mut out, h.option, proto::REP_ACK, &[]);
+                }
+            }
+            ClientOption::ListMetaContext(req) => {
+                let listed = req.queries.is_empty()
+                    || req
+                        .queries
+                        .iter()
+                        .any(|q| q == "base:" || q == proto::BASE_ALLOCATION);
+                if listed {
+                    let d = proto::meta_context_data(0, proto::BASE_ALLOCATION);
+                    proto::encode_option_reply(&mut out, h.option, proto::REP_META_CONTEXT, &d);
+                }
+                proto::encode_option_reply(&mut out, h.option, proto::REP_ACK, &[]);
+            }
+            ClientOption::SetMetaContext(req) => {
+                // Replaces earlier selections, even when it fails.
+                meta_export = None;
+                if !structured {
+                    proto::encode_option_reply(
+                        &mut out,
+                        h.option,
+                        proto::REP_ERR_INVALID,
+                        b"structured replies must be negotiated first",
+                    );
+                } else {
+                    if req.queries.iter().any(|q| q == proto::BASE_ALLOCATION) {
+                        let d =
+                            proto::meta_context_data(BASE_ALLOCATION_ID, proto::BASE_ALLOCATION);
+                        proto::encode_option_reply(&mut out, h.option, proto::REP_META_CONTEXT, &d);
+                        meta_export = Some(req.export);
+                    }
+                    proto::encode_option_reply(&mut out, h.option, proto::REP_ACK, &[]);
+                }
+            }
+            ClientOption::Unsupported(code) => {
+                proto::encode_option_reply(
+                    &mut out,
+                    code,
+                    proto::REP_ERR_UNSUP,
+                    b"option not supported",
+                );
+            }
+        }
+        s.write_all(&out).await?;
+    }
+}
+
+/// State shared by the reader and the request tasks of one connection.
+struct RequestCtx {
+    device: Arc<dyn BlockDevice>,
+    structured: bool,
+    meta_context: Option<u32>,
+    replies: mpsc::Sender<Vec<Bytes>>,
+    wrote: AtomicBool,
+}
+
+async fn transmission<S>(
+    shared: &Shared,
+    stream: S,
+    session: Session,
+    conn: &ConnectionHandle,
+) -> Result<(), ConnError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let cfg = &shared.config;
+    let (rd, wr) = tokio::io::split(stream);
+    let mut rd = BufReader::with_capacity(256 << 10, rd);
+    let (tx, rx) = mpsc::channel(cfg.max_in_flight + 1);
+    let writer = tokio::spawn(write_replies(wr, rx).instrument(tracing::Span::current()));
+    let ctx = Arc::new(RequestCtx {
+        device: session.device.clone(),
+        structured: session.structured,
+        meta_context: session.meta_context,
+        replies: tx,
+        wrote: AtomicBool::new(false),
+    });
+    let requests = TaskTracker::new();
+    let outcome = read_requests(shared, &mut rd, &ctx, conn, &requests).await;
+    // Drain: every admitted request finishes and queues its reply before we close.
+    requests.close();
+    requests.wait().await;
+    if ctx.wrote.load(Ordering::Acquire)
+        && let Err(e) = session.device.flush().await
+    {
+        warn!(error = %chain(&e), "flush at disconnect failed");
+    }
+    drop(ctx);
+    match writer.await {
+        Ok(Err(e)) => debug!(error = %e, "reply writer stopped"),
+        Err(e) => warn!(error = %e, "reply writer task failed"),
+        Ok(Ok(())) => {}
+    }
+    outcome
+}
+
+async fn write_replies<W: AsyncWrite + Unpin>(
+    wr: W,
+    mut rx: mpsc::Receiver<Vec<Bytes>>,
+) -> io::Result<()> {
+    let mut w = BufWriter::with_capacity(256 << 10, wr);
+    while let Some(frame) = rx.recv().await {
+        for part in frame {
+            w.write_all(&part).await?;
+        }
+        if rx.is_empty() {
+            w.flush().await?;
+        }
+    }
+    w.flush().await?;
+    // Best effort: the peer may be gone already.
+    let _ = w.shutdown().await;
+    Ok(())
+}
+
+/// Completes when shutdown started and the grace period elapsed.
+async fn shutdown_grace(token: CancellationToken, grace: Duration) {
+    token.cancelled().await;
+    tokio::time::sleep(grace).await;
+}
+
+async fn read_requests<R>(
+    shared: &Shared,
+    rd: &mut R,
+    ctx: &Arc<RequestCtx>,
+    conn: &ConnectionHandle,
+    requests: &TaskTracker,
+) -> Result<(), ConnError>
+where
+    R: AsyncRead + Unpin,
+{
+    let cfg = &shared.config;
+    let slots = Arc::new(Semaphore::new(cfg.max_in_flight));
+    let budget = Arc::new(Semaphore::new(cfg.payload_budget as usize));
+    let kill = conn.kill_token().clone();
+    let grace = shutdown_grace(shared.shutdown.clone(), cfg.shutdown_grace);
+    tokio::pin!(grace);
+    loop {
+        let slot = tokio::select! {
+            biased;
+            _ = kill.cancelled() => return Ok(()),
+            _ = &mut grace => return Ok(()),
+            s = slots.clone().acquire_owned() => match s {
+                Ok(s) => s,
+                Err(_) => return Ok(()),
+            },
+        };
+        let mut hdr = [0u8; proto::REQUEST_LEN];
+        let read = tokio::select! {
+            biased;
+            _ = kill.cancelled() => return Ok(()),
+            _ = &mut grace => return Ok(()),
+            r = rd.read_exact(&mut hdr) => r,
+        };
+        match read {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+        let req = proto::parse_request(&hdr)?;
+        if req.command == Command::Disc {
+            return Ok(());
+        }
+        let check = validate(ctx, &req, cfg.max_payload, shared.shutdown.is_cancelled());
+        // A client stalling mid-payload must not delay disconnect() or shutdown.
+        let (payload, mut budget_permit) = tokio::select! {
+            biased;
+            _ = kill.cancelled() => return Ok(()),
+            _ = &mut grace => return Ok(()),
+            p = read_payload(rd, &req, check.is_ok(), &budget, cfg.payload_budget) => p?,
+        };
+        let writes = matches!(
+            req.command,
+            Command::Write | Command::WriteZeroes | Command::Trim
+        );
+        let admission = match check {
+            Err(errno) => Err(errno),
+            Ok(()) => conn.admit(writes).map_err(|_| Errno::Perm),
+        };
+        let admission = match admission {
+            Ok(a) => a,
+            Err(errno) => {
+                let frame = error_frame(ctx.structured, &req, errno, refusal_message(errno));
+                if ctx.replies.send(frame).await.is_err() {
+                    return Ok(());
+                }
+                continue;
+            }
+        };
+        if req.command == Command::Read {
+            let permits = req.length.clamp(1, cfg.payload_budget);
+            budget_permit = budget.clone().acquire_many_owned(permits).await.ok();
+        }
+        let ctx = ctx.clone();
+        let span = tracing::debug_span!("nbd_req", cookie = req.cookie, cmd = ?req.command);
+        requests.spawn(
+            async move {
+                let frame = execute(&ctx, &req, payload).await;
+                // Send before releasing the admission: drained writes have queued replies.
+                let _ = ctx.replies.send(frame).await;
+                drop(admission);
+                drop(budget_permit);
+                drop(slot);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Short text for an error chunk of a request refused before it reached the device.
+fn refusal_message(errno: Errno) -> &'static str {
+    match errno {
+        Errno::Inval => "invalid request: command, flags or range",
+        Errno::NoSpc => "write beyond the end of the export",
+        Errno::Perm => "export is read-only or writes were revoked",
+        Errno::Overflow => "request larger than the maximum payload",
+        Errno::Shutdown => "server is shutting down",
+        Errno::Io | Errno::NoMem | Errno::NotSup => "request refused",
+    }
+}
+
+/// Reads a WRITE payload (within the byte budget), or drains it when the request is refused.
+async fn read_payload<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    req: &Request,
+    accepted: bool,
+    budget: &Arc<Semaphore>,
+    budget_total: u32,
+) -> io::Result<(Bytes, Option<OwnedSemaphorePermit>)> {
+    if !req.command.has_payload() {
+        return Ok((Bytes::new(), None));
+    }
+    if !accepted {
+        tokio::io::copy(
+            &mut (&mut *rd).take(req.length as u64),
+            &mut tokio::io::sink(),
+        )
+        .await?;
+        return Ok((Bytes::new(), None));
+    }
+    let permits = req.length.clamp(1, budget_total);
+    let permit = budget.clone().acquire_many_owned(permits).await.ok();
+    let mut buf = BytesMut::zeroed(req.length as usize);
+    rd.read_exact(&mut buf).await?;
+    Ok((buf.freeze(), permit))
+}
+
+/// Checks a request against the negotiated state and the device, in the order the spec's
+/// error values suggest.
+fn validate(
+    ctx: &RequestCtx,
+    req: &Request,
+    max_payload: u32,
+    shutting_down: bool,
+) -> Result<(), Errno> {
+    let cmd = req.command;
+    if matches!(cmd, Command::Unknown(_)) || req.flags & !cmd.allowed_flags() != 0 {
+        return Err(Errno::Inval);
+    }
+    if shutting_down {
+        return Err(Errno::Shutdown);
+    }
+    if req.flags & proto::CMD_FLAG_DF != 0 && !ctx.structured {
+        return Err(Errno::Inval);
+    }
+    let writes = matches!(cmd, Command::Write | Command::WriteZeroes | Command::Trim);
+    if writes && ctx.device.read_only() {
+        return Err(Errno::Perm);
+    }
+    if req.length > max_payload {
+        match cmd {
+            Command::Read if ctx.structured => return Err(Errno::Overflow),
+            Command::Read | Command::Write => return Err(Errno::Inval),
+            _ => {}
+        }
+    }
+    if cmd == Command::BlockStatus && (ctx.meta_context.is_none() || req.length == 0) {
+        return Err(Errno::Inval);
+    }
+    if cmd != Command::Flush {
+        let in_range = req
+            .offset
+            .checked_add(req.length as u64)
+            .is_some_and(|end| end <= ctx.device.size());
+        if !in_range {
+            return Err(match cmd {
+                Command::Write | Command::WriteZeroes => Errno::NoSpc,
+                _ => Errno::Inval,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Maps a device error to the NBD error value for `cmd` (the single errno edge).
+pub fn errno_for(cmd: Command, e: &DeviceError) -> Errno {
+    match e {
+        DeviceError::OutOfRange { .. } => match cmd {
+            Command::Write | Command::WriteZeroes => Errno::NoSpc,
+            _ => Errno::Inval,
+        },
+        DeviceError::ReadOnly | DeviceError::Revoked => Errno::Perm,
+        DeviceError::FastZeroUnsupported => Errno::NotSup,
+        DeviceError::Allocate(io) | DeviceError::Io(io) => match io.raw_os_error() {
+            Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => Errno::NoSpc,
+            Some(libc::EROFS | libc::EPERM | libc::EACCES) => Errno::Perm,
+            _ => Errno::Io,
+        },
+    }
+}
+
+fn simple(errno: u32, cookie: u64) -> Bytes {
+    let mut b = BytesMut::with_capacity(16);
+    proto::encode_simple_reply(&mut b, errno, cookie);
+    b.freeze()
+}
+
+/// The reply to a failed request: a structured error chunk where structured replies are
+/// mandatory (READ and BLOCK_STATUS after SR), a simple reply otherwise.
+fn error_frame(structured: bool, req: &Request, errno: Errno, msg: &str) -> Vec<Bytes> {
+    if structured && matches!(req.command, Command::Read | Command::BlockStatus) {
+        let mut b = BytesMut::new();
+        proto::encode_error_chunk(&mut b, req.cookie, errno, msg);
+        vec![b.freeze()]
+    } else {
+        vec![simple(errno as u32, req.cookie)]
+    }
+}
+
+fn done_frame(req: &Request, r: Result<(), DeviceError>) -> Vec<Bytes> {
+    match r {
+        Ok(()) => vec![simple(0, req.cookie)],
+        Err(e) => device_error_frame(false, req, &e),
+    }
+}
+
+fn device_error_frame(structured: bool, req: &Request, e: &DeviceError) -> Vec<Bytes> {
+    debug!(error = %chain(e), cookie = req.cookie, "request failed");
+    error_frame(structured, req, errno_for(req.command, e), &e.to_string())
+}
+
+async fn execute(ctx: &RequestCtx, req: &Request, payload: Bytes) -> Vec<Bytes> {
+    let dev = ctx.device.as_ref();
+    let fua = req.flags & proto::CMD_FLAG_FUA != 0;
+    let (off, len) = (req.offset, req.length);
+    let frame = match req.command {
+        Command::Read => return read_reply(ctx, req).await,
+        Command::BlockStatus => return block_status_reply(ctx, req).await,
+        Command::Write if len == 0 => Ok(()),
+        Command::Write => dev.write(off, payload, fua).await,
+        Command::Flush => dev.flush().await,
+        Command::Trim if len == 0 => Ok(()),
+        Command::Trim => dev.trim(off, len as u64, fua).await,
+        Command::WriteZeroes if len == 0 => Ok(()),
+        Command::WriteZeroes => {
+            let mode = ZeroMode {
+                may_trim: req.flags & proto::CMD_FLAG_NO_HOLE == 0,
+                fast_only: req.flags & proto::CMD_FLAG_FAST_ZERO != 0,
+                fua,
+            };
+            dev.write_zeroes(off, len as u64, mode).await
+        }
+        Command::Cache => dev.cache(off, len).await,
+        // Filtered out by the reader and `validate`.
+        Command::Disc | Command::Unknown(_) => {
+            return error_frame(ctx.structured, req, Errno::Inval, "unexpected command");
+        }
+    };
+    if frame.is_ok()
+        && matches!(
+            req.command,
+            Command::Write | Command::WriteZeroes | Command::Trim
+        )
+    {
+        ctx.wrote.store(true, Ordering::Release);
+    }
+    done_frame(req, frame)
+}
+
+/// Zero bytes as static slices (no allocation).
+fn zeros(mut len: usize, out: &mut Vec<Bytes>) {
+    static Z: [u8; 1 << 16] = [0; 1 << 16];
+    while len > 0 {
+        let n = len.min(Z.len());
+        out.push(Bytes::from_static(&Z[..n]));
+        len -= n;
+    }
+}
+
+/// Checks that a device's chunks cover exactly `[offset, offset+len)` in order.
+fn covers(chunks: &[ReadChunk], offset: u64, len: u32) -> bool {
+    let mut pos = offset;
+    for c in chunks {
+        let (o, l) = match c {
+            ReadChunk::Data { offset, data } => (*offset, data.len() as u64),
+            ReadChunk::Hole { offset, len } => (*offset, *len as u64),
+        };
+        if o != pos || l == 0 {
+            return false;
+        }
+        pos += l;
+    }
+    pos == offset + len as u64
+}
+
+async fn read_reply(ctx: &RequestCtx, req: &Request) -> Vec<Bytes> {
+    let cookie = req.cookie;
+    if req.length == 0 {
+        if ctx.structured {
+            let mut b = BytesMut::new();
+            proto::encode_none_chunk(&mut b, cookie);
+            return vec![b.freeze()];
+        }
+        return vec![simple(0, cookie)];
+    }
+    let chunks = match ctx.device.read(req.offset, req.length).await {
+        Ok(c) => c,
+        Err(e) => return device_error_frame(ctx.structured, req, &e),
+    };
+    if !covers(&chunks, req.offset, req.length) {
+        warn!(
+            cookie,
+            "device returned a read that does not cover the request"
+        );
+        return error_frame(ctx.structured, req, Errno::Io, "short read");
+    }
+    let mut frame = Vec::with_capacity(chunks.len() * 2 + 1);
+    if !ctx.structured {
+        frame.push(simple(0, cookie));
+        for c in chunks {
+            match c {
+                ReadChunk::Data { data, .. } => frame.push(data),
+                ReadChunk::Hole { len, .. } => zeros(len as usize, &mut frame),
+            }
+        }
+        return frame;
+    }
+    let df = req.flags & proto::CMD_FLAG_DF != 0;
+    if df && chunks.len() > 1 {
+        // One content chunk: holes become zeros.
+        let mut hdr = BytesMut::new();
+        proto::encode_offset_data_header(
+            &mut hdr,
+            proto::REPLY_FLAG_DONE,
+            cookie,
+            req.offset,
+            req.length,
+        );
+        frame.push(hdr.freeze());
+        for c in chunks {
+            match c {
+                ReadChunk::Data { data, .. } => frame.push(data),
+                ReadChunk::Hole { len, .. } => zeros(len as usize, &mut frame),
+            }
+        }
+        return frame;
+    }
+    let last = chunks.len() - 1;
+    for (i, c) in chunks.into_iter().enumerate() {
+        let flags = if i == last { proto::REPLY_FLAG_DONE } else { 0 };
+        let mut hdr = BytesMut::new();
+        match c {
+            ReadChunk::Data { offset, data } => {
+                proto::encode_offset_data_header(
+                    &mut hdr,
+                    flags,
+                    cookie,
+                    offset,
+                    data.len() as u32,
+                );
+                frame.push(hdr.freeze());
+                frame.push(data);
+            }
+            ReadChunk::Hole { offset, len } => {
+                proto::encode_offset_hole(&mut hdr, flags, cookie, offset, len);
+                frame.push(hdr.freeze());
+            }
+        }
+    }
+    frame
+}
+
+/// Normalises device extents: drops empty ones, merges equal neighbours, clips to the
+/// request, caps the count, and keeps only the first with REQ_ONE.
+fn normalise_extents(raw: Vec<Extent>, len: u32, req_one: bool) -> Vec<(u32, u32)> {
+    let mut out: Vec<(u32, u32)> = Vec::new();
+    let mut left = len;
+    for e in raw {
+        if left == 0 {
+            break;
+        }
+        let l = e.len.min(left);
+        if l == 0 {
+            continue;
+        }
+        left -= l;
+        match out.last_mut() {
+            Some(prev) if prev.1 == e.flags => prev.0 += l,
+            _ => {
+                if out.len() == MAX_EXTENTS {
+                    break;
+                }
+                out.push((l, e.flags));
+            }
+        }
+    }
+    if req_one {
+        out.truncate(1);
+    }
+    out
+}
+
+async fn block_status_reply(ctx: &RequestCtx, req: &Request) -> Vec<Bytes> {
+    let Some(context_id) = ctx.meta_context else {
+        return error_frame(
+            ctx.structured,
+            req,
+            Errno::Inval,
+            "no metadata context selected",
+        );
+    };
+    let raw = match ctx.device.block_status(req.offset, req.length).await {
+        Ok(r) => r,
+        Err(e) => return device_error_frame(true, req, &e),
+    };
+    let req_one = req.flags & proto::CMD_FLAG_REQ_ONE != 0;
+    let extents = normalise_extents(raw, req.length, req_one);
+    if extents.is_empty() {
+        return error_frame(true, req, Errno::Io, "no allocation information");
+    }
+    let mut b = BytesMut::new();
+    proto::encode_block_status(
+        &mut b,
+        proto::REPLY_FLAG_DONE,
+        req.cookie,
+        context_id,
+        &extents,
+    );
+    vec![b.freeze()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ext(len: u32, flags: u32) -> Extent {
+        Extent { len, flags }
+    }
+
+    #[test]
+    fn extents_are_merged_clipped_and_req_one_honoured() {
+        let raw = vec![ext(10, 0), ext(0, 3), ext(10, 0), ext(100, 3)];
+        assert_eq!(
+            normalise_extents(raw.clone(), 50, false),
+            vec![(20, 0), (30, 3)]
+        );
+        assert_eq!(normalise_extents(raw, 50, true), vec![(20, 0)]);
+    }
+
+    #[test]
+    fn extent_count_is_capped() {
+        let raw = (0..5000).map(|i| ext(1, i % 2)).collect();
+        assert_eq!(normalise_extents(raw, 5000, false).len(), MAX_EXTENTS);
+    }
+
+    #[test]
+    fn host_errnos_never_reach_the_wire() {
+        let io = |n| DeviceError::Io(io::Error::from_raw_os_error(n));
+        assert_eq!(errno_for(Command::Write, &io(libc::EDQUOT)), Errno::NoSpc);
+        assert_eq!(errno_for(Command::Write, &io(libc::EFBIG)), Errno::NoSpc);
+        assert_eq!(errno_for(Command::Read, &io(libc::ENOSYS)), Errno::Io);
+        assert_eq!(errno_for(Command::Write, &io(libc::EROFS)), Errno::Perm);
+        assert_eq!(
+            errno_for(Command::Write, &DeviceError::Revoked),
+            Errno::Perm
+        );
+        let oor = DeviceError::OutOfRange {
+            offset: 0,
+            len: 1,
+            size: 0,
+        };
+        assert_eq!(errno_for(Command::WriteZeroes, &oor), Errno::NoSpc);
+        assert_eq!(errno_for(Command::Trim, &oor), Errno::Inval);
+    }
+
+    #[test]
+    fn min_block_follows_size_alignment() {
+        assert_eq!(min_block(104_865_792), 512);
+        assert_eq!(min_block(1000), 1);
+    }
+}
