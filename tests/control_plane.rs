@@ -389,3 +389,90 @@ async fn a_bad_config_gets_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("node_id"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_voter_is_replaced_by_a_healthy_learner() {
+    let mut c = TestCluster::up_with(4, |o| o.raft.voter_replace_after_ms = 2_000).await;
+    let st = c.client().status().await.unwrap();
+    let voters: Vec<u64> = st
+        .nodes
+        .iter()
+        .filter(|n| n.role == "voter" || n.role == "leader")
+        .map(|n| n.id)
+        .collect();
+    assert_eq!(voters.len(), 3, "{st:?}");
+    let learner = st.nodes.iter().find(|n| n.role == "learner").unwrap().id;
+    let victim = st.nodes.iter().find(|n| n.role == "voter").unwrap().id;
+    c.kill9(victim);
+    let killed = Instant::now();
+    let deadline = killed + Duration::from_secs(40);
+    loop {
+        let st = c.client().status().await.unwrap();
+        let role = |id: u64| st.nodes.iter().find(|n| n.id == id).map(|n| n.role.clone());
+        if matches!(role(learner).as_deref(), Some("voter") | Some("leader"))
+            && role(victim).as_deref() != Some("voter")
+        {
+            eprintln!(
+                "voter {victim} replaced by learner {learner} after {:?}",
+                killed.elapsed()
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "dead voter not replaced: {st:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The cluster still commits with the new voter set.
+    assert!(c.acquire(learner, "after-replacement").await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_releases_locks_at_once_and_hands_over_the_voter_seat() {
+    let mut c = TestCluster::up_with(4, |o| o.session.ttl_ms = 20_000).await;
+    let st = c.client().status().await.unwrap();
+    let learner = st.nodes.iter().find(|n| n.role == "learner").unwrap().id;
+    let leaving = st.nodes.iter().find(|n| n.role == "voter").unwrap().id;
+    c.acquire(leaving, "released-on-exit").await.unwrap();
+    let pid = c.pid(leaving);
+    let t = Instant::now();
+    c.signal(leaving, libc::SIGTERM);
+    common::wait_until(Duration::from_secs(15), "graceful exit", || {
+        c.children.reap();
+        !cluster::pid_alive(pid)
+    });
+    eprintln!("node {leaving} stopped gracefully in {:?}", t.elapsed());
+    // Its lock is free right away, not one 20 s TTL later.
+    assert_eq!(lock_holder(&c, "released-on-exit").await, None);
+    let st = c.client().status().await.unwrap();
+    let role = |id: u64| st.nodes.iter().find(|n| n.id == id).map(|n| n.role.clone());
+    assert!(
+        matches!(role(learner).as_deref(), Some("voter") | Some("leader")),
+        "the voter seat was not handed to the learner: {st:?}"
+    );
+    assert_ne!(role(leaving).as_deref(), Some("voter"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_with_nbdkit_san_paths_comes_up_and_down_cleanly() {
+    let mut c = TestCluster::up_with(3, |o| o.san = cluster::SanMode::Nbdkit).await;
+    for n in &c.file.nodes {
+        assert!(n.san.starts_with("nbd+unix://"), "{}", n.san);
+        assert!(cluster::pid_alive(n.san_pid.unwrap()));
+    }
+    let t = c.acquire(2, "over-nbd").await.unwrap();
+    assert_eq!(lock_holder(&c, "over-nbd").await, Some((2, t)));
+    let pids: Vec<u32> = c
+        .file
+        .nodes
+        .iter()
+        .flat_map(|n| [n.pid, n.san_pid.unwrap()])
+        .collect();
+    let dir = c.path().to_path_buf();
+    cluster::down(&dir, &mut c.children).await.unwrap();
+    c.children.reap();
+    for p in pids {
+        assert!(
+            !cluster::pid_alive(p),
+            "process {p} still running after cluster down"
+        );
+    }
+}
