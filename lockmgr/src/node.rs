@@ -168,6 +168,8 @@ pub enum NodeError {
     Meta(#[from] MetaError),
     #[error("this node has no live metadata session")]
     NoSession,
+    #[error("peer service refused: {0}")]
+    Service(String),
 }
 
 /// This node's lease, as the data path sees it.
@@ -198,7 +200,19 @@ pub struct MetaNode {
     stop_requested: CancellationToken,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     local_addr: SocketAddr,
+    ext: RwLock<HashMap<u8, ExtHandler>>,
 }
+
+/// A service registered on the node's RPC server (see [`MetaNode::register_service`]).
+pub type ExtHandler = Arc<
+    dyn Fn(
+            NodeId,
+            Vec<u8>,
+        )
+            -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<u8>, String>> + Send>>
+        + Send
+        + Sync,
+>;
 
 impl std::fmt::Debug for MetaNode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -269,6 +283,7 @@ impl MetaNode {
             stop_requested: CancellationToken::new(),
             tasks: Mutex::new(Vec::new()),
             local_addr,
+            ext: RwLock::new(HashMap::new()),
         });
         let handler: rpc::Handler = {
             let weak = Arc::downgrade(&node);
@@ -837,6 +852,18 @@ impl MetaNode {
                     .await
                     .map_err(|e| LeaderError::Unavailable(e.to_string())),
             ),
+            Request::Ext { service, payload } => {
+                let handler = self
+                    .ext
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&service)
+                    .cloned();
+                Reply::Ext(match handler {
+                    Some(h) => h(_peer, payload).await,
+                    None => Err(format!("no service {service} on node {}", self.cfg.node_id)),
+                })
+            }
             Request::Query(q) => Reply::Query(
                 self.query(q)
                     .await
@@ -960,6 +987,36 @@ impl MetaNode {
                 given: token,
                 current,
             }))
+        }
+    }
+
+    /// Registers `handler` for `Request::Ext { service, .. }` on this node's RPC server.
+    pub fn register_service(&self, service: u8, handler: ExtHandler) {
+        self.ext
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(service, handler);
+    }
+
+    /// Calls a registered service on another member over the authenticated RPC.
+    pub async fn call_service(
+        &self,
+        node: NodeId,
+        service: u8,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, NodeError> {
+        let client = self
+            .peer_for(node)
+            .await
+            .ok_or_else(|| NodeError::Config(format!("node {node} is not a member")))?;
+        match client
+            .call(Request::Ext { service, payload }, timeout)
+            .await?
+        {
+            Reply::Ext(Ok(b)) => Ok(b),
+            Reply::Ext(Err(e)) => Err(NodeError::Service(e)),
+            other => Err(NodeError::Service(format!("unexpected reply {other:?}"))),
         }
     }
 

@@ -110,6 +110,27 @@ pub trait Lun: Send + Sync + 'static {
             Ok(())
         })
     }
+    /// Writes on behalf of the holder of a fencing token (the file's data lock). A
+    /// backend that forwards I/O to another node (the redirector) sends the token along
+    /// so the peer can refuse a stale writer; direct backends ignore it.
+    fn write_fenced(
+        &self,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+        fence: Option<IoFence>,
+    ) -> LunFuture<'_, ()> {
+        let _ = fence;
+        self.write_at(offset, data, fua)
+    }
+}
+
+/// The writer's credentials carried with a block write: the lock key and the fencing
+/// token of its current grant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IoFence {
+    pub key: String,
+    pub token: u64,
 }
 
 /// A shared LUN is a LUN, so wrappers such as [`FaultLun`] can hold what
@@ -138,6 +159,15 @@ impl<L: Lun + ?Sized> Lun for std::sync::Arc<L> {
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> LunFuture<'_, ()> {
         (**self).write_zeroes(offset, len)
+    }
+    fn write_fenced(
+        &self,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+        fence: Option<IoFence>,
+    ) -> LunFuture<'_, ()> {
+        (**self).write_fenced(offset, data, fua, fence)
     }
 }
 

@@ -65,6 +65,12 @@ pub enum Request {
     },
     /// A metadata change submitted to any node, which forwards it to the leader.
     Submit(Op),
+    /// A request for a service the daemon registered on this node (e.g. the redirector's
+    /// peer I/O), as opaque bytes: the RPC layer authenticates and frames it.
+    Ext {
+        service: u8,
+        payload: Vec<u8>,
+    },
 }
 
 /// Reads of the metadata (what `csvctl` shows).
@@ -137,6 +143,8 @@ pub enum Reply {
     Query(Result<QueryReply, LeaderError>),
     /// The token granted, or why not.
     Lock(Result<u64, String>),
+    /// The answer of a registered service.
+    Ext(Result<Vec<u8>, String>),
     /// The request could not be served at all (decoding or an internal error).
     Refused(String),
 }
