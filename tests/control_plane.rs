@@ -476,3 +476,55 @@ async fn a_cluster_with_nbdkit_san_paths_comes_up_and_down_cleanly() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_was_down_catches_up_from_a_snapshot() {
+    let mut c = TestCluster::up_with(3, |o| o.raft.snapshot_logs = 20).await;
+    let leader = c.leader_among(&[1, 2, 3], Duration::from_secs(10)).await;
+    let down = [1, 2, 3].into_iter().find(|n| *n != leader).unwrap();
+    c.kill9(down);
+    let up = [1, 2, 3].into_iter().find(|n| *n != down).unwrap();
+    // Far more entries than the snapshot interval: the log it missed is purged.
+    for i in 0..80 {
+        let key = format!("while-down-{i}");
+        c.acquire(up, &key).await.unwrap();
+        match c.call(up, Request::LockRelease { key }).await {
+            Reply::Lock(Ok(_)) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    let target = c
+        .client()
+        .statuses(Duration::from_secs(2))
+        .await
+        .into_iter()
+        .filter_map(|(_, s)| s.and_then(|s| s.last_applied))
+        .max()
+        .unwrap();
+    c.restart(down);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = c.client().statuses(Duration::from_secs(1)).await;
+        let applied = st
+            .iter()
+            .find(|(id, _)| *id == down)
+            .and_then(|(_, s)| s.as_ref().and_then(|s| s.last_applied));
+        if applied.is_some_and(|a| a >= target) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {down} did not catch up: {applied:?} < {target}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // It serves linearizable reads of state it only got through the snapshot.
+    let Reply::Query(Ok(QueryReply::Locks(locks))) =
+        c.call(down, Request::Query(Query::Locks)).await
+    else {
+        panic!("node {down} did not answer the query")
+    };
+    assert!(locks.iter().all(|l| !l.key.starts_with("while-down-")));
+    let t = c.acquire(down, "after-catch-up").await.unwrap();
+    assert!(t > 80);
+}
