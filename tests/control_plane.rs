@@ -99,12 +99,7 @@ async fn an_exclusive_lock_is_exclusive_across_nodes_and_tokens_increase() {
 async fn a_killed_nodes_lock_is_freed_after_its_ttl_and_not_before() {
     let mut c = TestCluster::up(3).await;
     let ttl = Duration::from_millis(c.opts.session.ttl_ms);
-    let leader = c.leader_among(&[1, 2, 3], Duration::from_secs(10)).await;
-    let victim = [1, 2, 3].into_iter().find(|n| *n != leader).unwrap();
-    let other = [1, 2, 3]
-        .into_iter()
-        .find(|n| *n != leader && *n != victim)
-        .unwrap();
+    let (_, victim, other) = c.leader_and_followers().await;
     let t1 = c.acquire(victim, "held").await.unwrap();
     c.kill9(victim);
     let killed_at = Instant::now();
@@ -135,12 +130,7 @@ async fn a_killed_nodes_lock_is_freed_after_its_ttl_and_not_before() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_paused_past_its_ttl_finds_its_lock_gone_and_token_stale() {
     let c = TestCluster::up(3).await;
-    let leader = c.leader_among(&[1, 2, 3], Duration::from_secs(10)).await;
-    let paused = [1, 2, 3].into_iter().find(|n| *n != leader).unwrap();
-    let other = [1, 2, 3]
-        .into_iter()
-        .find(|n| *n != leader && *n != paused)
-        .unwrap();
+    let (_, paused, other) = c.leader_and_followers().await;
     let t1 = c.acquire(paused, "vm").await.unwrap();
     c.signal(paused, libc::SIGSTOP);
     let deadline = Instant::now() + Duration::from_millis(c.opts.session.ttl_ms * 4);

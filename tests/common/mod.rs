@@ -122,6 +122,14 @@ impl TestCluster {
         }
     }
 
+    /// For a 3-node cluster: (leader, one follower, the other follower).
+    pub async fn leader_and_followers(&self) -> (u64, u64, u64) {
+        let leader = self.leader_among(&[1, 2, 3], Duration::from_secs(10)).await;
+        let mut f = [1, 2, 3].into_iter().filter(|n| *n != leader);
+        let (a, b) = (f.next().unwrap(), f.next().unwrap());
+        (leader, a, b)
+    }
+
     pub async fn call(&self, node: u64, req: Request) -> Reply {
         self.client()
             .call(node, req, Duration::from_secs(20))
