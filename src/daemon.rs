@@ -119,7 +119,11 @@ async fn attach_volume(
         .context("cannot open the volume")?;
     let mount = match &cfg.mountpoint {
         Some(path) if !path.as_os_str().is_empty() => {
-            let (v, p, rt) = (volume.clone(), path.clone(), tokio::runtime::Handle::current());
+            let (v, p, rt) = (
+                volume.clone(),
+                path.clone(),
+                tokio::runtime::Handle::current(),
+            );
             let m = tokio::task::spawn_blocking(move || {
                 fuse_frontend::mount(v, &p, rt, fuse_frontend::MountOptions::default())
             })
