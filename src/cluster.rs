@@ -506,16 +506,23 @@ async fn wait_nodes_ready(
             let members = view.map(|v| v.members.len()).unwrap_or(0);
             let voters = view.map(|v| v.voters.len()).unwrap_or(0);
             let want_voters = MetaConfig::desired_voters(members);
+            let mounted = cluster
+                .nodes
+                .iter()
+                .take(n)
+                .filter(|e| is_mounted(&e.mount))
+                .count();
             if leaders.len() == 1
                 && leaders.iter().next().is_some_and(|l| l.is_some())
                 && with_session == n
                 && members >= n
                 && voters == want_voters
+                && mounted == n
             {
                 return Ok(());
             }
             last = format!(
-                "leaders {leaders:?}, sessions {with_session}/{n}, members {members}, voters {voters}/{want_voters}"
+                "leaders {leaders:?}, sessions {with_session}/{n}, members {members}, voters {voters}/{want_voters}, mounted {mounted}/{n}"
             );
         } else {
             last = format!("{}/{} nodes answer", answered.len(), n);

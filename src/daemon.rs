@@ -7,7 +7,12 @@
 //! 2. start the metadata node (bootstrap or join, open the session);
 //! 3. check the LUN against the cluster's volume record (a different volume UUID
 //!    means the wrong LUN is attached: refuse and leave), or record it if the cluster
-//!    has none yet.
+//!    has none yet;
+//! 4. open the volume layer over the node's metadata client and the LUN, and mount it
+//!    through FUSE at the configured mountpoint (a stale mount there is removed first).
+//!
+//! Stopping reverses it: unmount (no new requests), write back and release the
+//! volume's locks and reservation, then close the session and leave.
 
 use std::sync::Arc;
 
@@ -15,6 +20,8 @@ use anyhow::{Context, bail};
 use csv_core::lun::Lun;
 use csv_core::meta::{MetaError, VolumeInfo};
 use csv_core::superblock::Superblock;
+use csv_core::volume::{MetaClient, Volume, VolumeConfig};
+use lockmgr::client::NodeMeta;
 use lockmgr::node::{MetaConfig, MetaNode};
 use lockmgr::rpc::auth::ClusterKey;
 use lockmgr::rpc::message::{Query, QueryReply};
@@ -76,10 +83,58 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         return Err(e);
     }
 
+    let (volume, mount) = match attach_volume(&cfg, &node, lun.clone()).await {
+        Ok(x) => x,
+        Err(e) => {
+            node.shutdown().await;
+            return Err(e);
+        }
+    };
+
     wait_for_stop(&node).await;
-    tracing::info!("stopping: releasing locks and leaving");
+    tracing::info!("stopping: unmounting, releasing locks and leaving");
+    if let Some(m) = mount {
+        match tokio::task::spawn_blocking(move || m.unmount()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "unmount failed"),
+            Err(e) => tracing::warn!(error = %e, "unmount task failed"),
+        }
+    }
+    if let Err(e) = volume.shutdown().await {
+        tracing::warn!(error = %e, "volume write-back on shutdown failed");
+    }
     node.shutdown().await;
     Ok(())
+}
+
+/// Opens the volume layer and mounts it (if a mountpoint is configured).
+async fn attach_volume(
+    cfg: &NodeConfig,
+    node: &Arc<MetaNode>,
+    lun: Arc<dyn Lun>,
+) -> anyhow::Result<(Volume, Option<fuse_frontend::FuseMount>)> {
+    let meta: Arc<dyn MetaClient> = Arc::new(NodeMeta::new(node.clone()));
+    let volume = Volume::open(meta, lun, VolumeConfig::default())
+        .await
+        .context("cannot open the volume")?;
+    let mount = match &cfg.mountpoint {
+        Some(path) if !path.as_os_str().is_empty() => {
+            let (v, p, rt) = (
+                volume.clone(),
+                path.clone(),
+                tokio::runtime::Handle::current(),
+            );
+            let m = tokio::task::spawn_blocking(move || {
+                fuse_frontend::mount(v, &p, rt, fuse_frontend::MountOptions::default())
+            })
+            .await
+            .context("mount task failed")?
+            .with_context(|| format!("cannot mount the volume at {}", path.display()))?;
+            Some(m)
+        }
+        _ => None,
+    };
+    Ok((volume, mount))
 }
 
 /// The cluster's volume must be the one on this LUN.

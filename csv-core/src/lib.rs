@@ -7,3 +7,4 @@ pub mod lun;
 pub mod meta;
 pub mod op;
 pub mod superblock;
+pub mod volume;

@@ -6,8 +6,10 @@
 //! - `store`: the Raft log and state machine storage on redb;
 //! - `rpc`: framed, versioned, authenticated node-to-node messages over TCP;
 //! - `network`: openraft's network on top of `rpc`;
-//! - `node`: one metadata node (Raft, RPC server, membership, sessions, client API).
+//! - `node`: one metadata node (Raft, RPC server, membership, sessions, client API);
+//! - `client`: the volume layer's `MetaClient` over a node, or over an in-memory state.
 
+pub mod client;
 pub mod network;
 pub mod node;
 pub mod rpc;

@@ -190,6 +190,8 @@ pub struct MetaNode {
     raft: Raft,
     state: Arc<RwLock<VolumeState>>,
     applied: watch::Receiver<Option<LogId<NodeId>>>,
+    /// The store's change feed (applied commands), for the volume layer.
+    feed: tokio::sync::broadcast::Sender<csv_core::volume::Applied>,
     peers: Mutex<HashMap<String, Arc<RpcClient>>>,
     session_tx: watch::Sender<SessionState>,
     /// Stops the RPC server (last, so peers can still commit our goodbye).
@@ -238,6 +240,7 @@ impl MetaNode {
             store::open::<VolumeState>(&cfg.data_dir).map_err(NodeError::Store)?;
         let state = sm.state();
         let applied = sm.applied();
+        let feed = sm.feed();
         let raft_cfg = openraft::Config {
             cluster_name: "csvd".into(),
             heartbeat_interval: cfg.heartbeat_ms,
@@ -276,6 +279,7 @@ impl MetaNode {
             raft,
             state,
             applied,
+            feed,
             peers: Mutex::new(HashMap::new()),
             session_tx: watch::channel(SessionState::Opening).0,
             cancel: CancellationToken::new(),
@@ -351,6 +355,19 @@ impl MetaNode {
         let index = self.read_index().await?;
         self.wait_applied(index).await?;
         Ok(self.read_local(f))
+    }
+
+    /// The change feed: every command this replica applies, in log order, after the
+    /// state includes it.
+    pub fn subscribe_applied(&self) -> tokio::sync::broadcast::Receiver<csv_core::volume::Applied> {
+        self.feed.subscribe()
+    }
+
+    /// A linearizable barrier: waits until this replica has applied everything
+    /// committed before the call.
+    pub async fn barrier(&self) -> Result<(), NodeError> {
+        let index = self.read_index().await?;
+        self.wait_applied(index).await
     }
 
     /// Waits until this replica has applied log index `index`.

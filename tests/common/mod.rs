@@ -215,3 +215,43 @@ pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool)
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Node `k`'s FUSE mountpoint.
+pub fn mnt(c: &TestCluster, k: u64) -> PathBuf {
+    c.file.node(k).unwrap().mount.clone()
+}
+
+/// Waits until node `k`'s volume is mounted (after a restart).
+pub fn wait_mounted(c: &TestCluster, k: u64, timeout: Duration) {
+    let m = mnt(c, k);
+    wait_until(timeout, "the volume to be mounted", || {
+        cluster::is_mounted(&m) && std::fs::read_dir(&m).is_ok()
+    });
+}
+
+/// Runs a command, failing the test with its output if it fails; returns stdout.
+pub fn run(cmd: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// A linearizable fsck of the metadata (every invariant of the state machine).
+pub async fn fsck(c: &TestCluster) {
+    use lockmgr::rpc::message::{Query, QueryReply};
+    match c.client().query(Query::Fsck).await.unwrap() {
+        QueryReply::Fsck { violations, .. } => {
+            assert!(violations.is_empty(), "fsck: {violations:?}")
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}

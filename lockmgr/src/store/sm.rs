@@ -15,6 +15,7 @@
 use std::io::Cursor;
 use std::sync::{Arc, RwLock};
 
+use csv_core::volume::Applied;
 use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
 use openraft::{
     Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftSnapshotBuilder,
@@ -22,7 +23,7 @@ use openraft::{
 };
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
 use super::{Nid, SM_FILE, StateMachineData, StoreError, blocking, decode, encode, init_format};
 use crate::types::{RaftNode, Response, TypeConfig};
@@ -181,7 +182,13 @@ pub struct StateMachineStore<S> {
     last_applied: Option<LogId<Nid>>,
     last_membership: Membership,
     applied_tx: watch::Sender<Option<LogId<Nid>>>,
+    /// The change feed: every applied command with its response, sent after the state
+    /// holds it (see [`Self::feed`]).
+    feed_tx: broadcast::Sender<Applied>,
 }
+
+/// Capacity of the change feed; a slower subscriber sees `Lagged` and must rescan.
+const FEED_CAPACITY: usize = 4096;
 
 impl<S> std::fmt::Debug for StateMachineStore<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -211,6 +218,7 @@ impl<S: StateMachineData> StateMachineStore<S> {
             last_applied,
             last_membership,
             applied_tx,
+            feed_tx: broadcast::channel(FEED_CAPACITY).0,
         })
     }
 }
@@ -225,6 +233,14 @@ impl<S> StateMachineStore<S> {
     /// The id of the last applied entry; it changes after `state()` includes that entry.
     pub fn applied(&self) -> watch::Receiver<Option<LogId<Nid>>> {
         self.applied_tx.subscribe()
+    }
+
+    /// The change feed: each applied normal entry's command and response, published in
+    /// log order after the state includes it. Entries applied by installing a snapshot
+    /// are not published (subscribers must not rely on seeing every command; they get
+    /// `Lagged` when they fall behind and rescan then).
+    pub fn feed(&self) -> broadcast::Sender<Applied> {
+        self.feed_tx.clone()
     }
 
     /// The id of the last applied entry now.
@@ -253,6 +269,8 @@ impl<S: StateMachineData> RaftStateMachine<TypeConfig> for StateMachineStore<S> 
     {
         let entries = entries.into_iter();
         let mut out = Vec::with_capacity(entries.size_hint().0);
+        let publish = self.feed_tx.receiver_count() > 0;
+        let mut published = Vec::new();
         {
             let mut state = self
                 .state
@@ -262,7 +280,16 @@ impl<S: StateMachineData> RaftStateMachine<TypeConfig> for StateMachineStore<S> 
                 self.last_applied = Some(entry.log_id);
                 out.push(match entry.payload {
                     EntryPayload::Blank => Response::default(),
-                    EntryPayload::Normal(cmd) => state.apply(&cmd),
+                    EntryPayload::Normal(cmd) => {
+                        let r = state.apply(&cmd);
+                        if publish {
+                            published.push(Applied {
+                                op: cmd.op,
+                                response: r.clone(),
+                            });
+                        }
+                        r
+                    }
                     EntryPayload::Membership(m) => {
                         self.last_membership = StoredMembership::new(Some(entry.log_id), m);
                         Response::default()
@@ -271,6 +298,9 @@ impl<S: StateMachineData> RaftStateMachine<TypeConfig> for StateMachineStore<S> 
             }
         }
         self.applied_tx.send_replace(self.last_applied);
+        for a in published {
+            let _ = self.feed_tx.send(a);
+        }
         Ok(out)
     }
 
