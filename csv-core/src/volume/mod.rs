@@ -182,6 +182,8 @@ pub(crate) struct Shared {
     advisory: advisory::Table,
     stop: watch::Sender<bool>,
     me: Weak<Shared>,
+    /// The runtime background work runs on (handles may be dropped on other threads).
+    pub(crate) rt: tokio::runtime::Handle,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -230,6 +232,7 @@ impl Volume {
         }
         let shared = Arc::new_cyclic(|me| Shared {
             me: me.clone(),
+            rt: tokio::runtime::Handle::current(),
             meta,
             lun,
             info,
@@ -767,7 +770,7 @@ impl Shared {
         if fs.drop_ref() == 0 {
             let shared = Arc::downgrade(self);
             let fs = fs.clone();
-            tokio::spawn(async move {
+            self.rt.spawn(async move {
                 if let Some(shared) = shared.upgrade() {
                     shared.retire(fs).await;
                 }
