@@ -105,15 +105,6 @@ impl FileState {
         Some((c.size, c.map.iter().map(|e| e.len).sum()))
     }
 
-    pub fn cached_attr(&self) -> Option<Attr> {
-        let c = lock(&self.core);
-        c.lock?;
-        let mut a = c.attr.clone()?;
-        a.size = c.size;
-        a.blocks = c.map.iter().map(|e| e.len).sum();
-        Some(a)
-    }
-
     /// For removal (after a commit): the lock and every mapped extent; the state is reset.
     pub fn take_for_removal(&self) -> (Option<Held>, Vec<Extent>) {
         let mut c = lock(&self.core);
@@ -328,12 +319,8 @@ impl Shared {
                     self.meta.request_break(&key).await?;
                     self.wait_released(fs, &key, mode).await?;
                 }
-                Err(MetaClientError::NoSession) => {
-                    if Instant::now() >= deadline {
-                        return Err(VolumeError::Fenced);
-                    }
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
+                // No valid lease: fail now (self-fenced), never wait for one.
+                Err(MetaClientError::NoSession) => return Err(VolumeError::Fenced),
                 Err(e) => return Err(e.into()),
             }
         }

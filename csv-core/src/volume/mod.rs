@@ -307,10 +307,8 @@ impl Volume {
         Ok(self.shared.overlay(attr))
     }
 
+    /// Attributes (linearizable), with this node's view of the size of a file it writes.
     pub async fn getattr(&self, ino: Ino) -> VolumeResult<Attr> {
-        if let Some(a) = self.shared.cached_attr(ino) {
-            return Ok(a);
-        }
         let attr = self.shared.getattr(ino, Consistency::Linearizable).await?;
         Ok(self.shared.overlay(attr))
     }
@@ -521,11 +519,9 @@ impl Volume {
         )
     }
 
-    /// The parent of a directory (for `..`).
+    /// Attributes from this node's replica (for listings), with this node's view of the
+    /// size of a file it writes.
     pub async fn getattr_local(&self, ino: Ino) -> VolumeResult<Attr> {
-        if let Some(a) = self.shared.cached_attr(ino) {
-            return Ok(a);
-        }
         let attr = self.shared.getattr(ino, Consistency::Local).await?;
         Ok(self.shared.overlay(attr))
     }
@@ -686,12 +682,6 @@ impl Shared {
             attr.blocks = attr.blocks.max(blocks);
         }
         attr
-    }
-
-    /// The attributes of a file whose data lock this node holds (fresh by the lock).
-    fn cached_attr(&self, ino: Ino) -> Option<Attr> {
-        let fs = lock(&self.files).get(&ino).cloned()?;
-        fs.cached_attr()
     }
 
     /// Discards LUN blocks this node still owns through an exclusive data lock.
