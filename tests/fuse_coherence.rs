@@ -93,6 +93,12 @@ async fn data_closed_on_one_node_reads_back_exactly_on_the_other_and_two_writers
         r.read_exact_at(&mut got, off as u64).unwrap();
         assert_eq!(got, chunk, "write {i}: the other node read stale data");
     }
+    // Attribute changes show on the other node while both hold the file open.
+    {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        fs::set_permissions(a.join("shared"), fs::Permissions::from_mode(0o640)).unwrap();
+        within_1s("chmod", || fb.metadata().unwrap().mode() & 0o7777 == 0o640);
+    }
     // Concurrent writers in threads, disjoint ranges, both nodes at once.
     let ta = {
         let f = fa.try_clone().unwrap();

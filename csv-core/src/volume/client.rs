@@ -10,7 +10,7 @@
 //!   refusal comes back as `Err(MetaClientError::Meta(_))`, and then nothing changed;
 //! - a `Linearizable` query sees every command acknowledged before it started;
 //! - a `Local` query may be stale, but never older than this client's own acknowledged
-//!   submits (read-your-writes);
+//!   submits (read-your-writes); a `Replica` query may be older than those too;
 //! - `session()` is `Some` only while the lease is valid (minus the self-fence margin),
 //!   and `may_write()` is false as soon as it is not;
 //! - the feed publishes every command this node's replica applies, in log order; a
@@ -33,7 +33,11 @@ pub type MetaFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, MetaClientErr
 /// How fresh a read must be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Consistency {
-    /// This node's replica: fast, possibly slightly behind other nodes' writes.
+    /// This node's replica as it is: may miss even this node's latest writes for a
+    /// moment (for polling loops that only need to converge).
+    Replica,
+    /// This node's replica, including every write this client had acknowledged:
+    /// fast, possibly slightly behind other nodes' writes.
     Local,
     /// Sees every write acknowledged anywhere before the read started.
     Linearizable,

@@ -54,6 +54,8 @@ struct Core {
     commit_scheduled: bool,
     /// A failed write-back, reported by the next fsync/flush.
     error: bool,
+    /// LUN writes since the last flush (fsync must flush).
+    unflushed: bool,
     last_break: Option<Instant>,
 }
 
@@ -101,15 +103,6 @@ impl FileState {
         let c = lock(&self.core);
         c.lock?;
         Some((c.size, c.map.iter().map(|e| e.len).sum()))
-    }
-
-    pub fn cached_attr(&self) -> Option<Attr> {
-        let c = lock(&self.core);
-        c.lock?;
-        let mut a = c.attr.clone()?;
-        a.size = c.size;
-        a.blocks = c.map.iter().map(|e| e.len).sum();
-        Some(a)
     }
 
     /// For removal (after a commit): the lock and every mapped extent; the state is reset.
@@ -326,12 +319,8 @@ impl Shared {
                     self.meta.request_break(&key).await?;
                     self.wait_released(fs, &key, mode).await?;
                 }
-                Err(MetaClientError::NoSession) => {
-                    if Instant::now() >= deadline {
-                        return Err(VolumeError::Fenced);
-                    }
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
+                // No valid lease: fail now (self-fenced), never wait for one.
+                Err(MetaClientError::NoSession) => return Err(VolumeError::Fenced),
                 Err(e) => return Err(e.into()),
             }
         }
@@ -347,7 +336,7 @@ impl Shared {
     ) -> VolumeResult<()> {
         let me = self.meta.node_id();
         for _ in 0..40 {
-            let info = self.meta.lock_info(key, Consistency::Local).await?;
+            let info = self.meta.lock_info(key, Consistency::Replica).await?;
             let session = self.meta.session();
             let Some(info) = info else { return Ok(()) };
             let others: Vec<_> = info
@@ -480,6 +469,16 @@ impl Shared {
             (end, c.map.runs(offset / bs, end.div_ceil(bs)))
         };
         let end = size;
+        // One written run: hand the LUN's buffer through without another copy.
+        if let [run] = runs.as_slice()
+            && let RunKind::Mapped {
+                lun_block,
+                state: ExtentState::Written,
+            } = run.kind
+        {
+            let lun_off = lun_block * bs + (offset - run.file_block * bs);
+            return self.lun_read(lun_off, (end - offset) as usize).await;
+        }
         let mut buf = BytesMut::zeroed((end - offset) as usize);
         for run in runs {
             let RunKind::Mapped {
@@ -580,6 +579,7 @@ impl Shared {
             Vec::new()
         };
         let session = self.meta.session();
+        lock(&fs.core).unflushed = true;
         let result = self
             .write_runs(fs, offset, end, &data, &runs, &mut fresh)
             .await;
@@ -731,7 +731,7 @@ impl Shared {
         let Some(me) = self.weak_self() else { return };
         let fs = fs.clone();
         let delay = self.cfg.commit_delay;
-        tokio::spawn(async move {
+        self.rt.spawn(async move {
             tokio::time::sleep(delay).await;
             let Some(shared) = me.upgrade() else { return };
             let _g = fs.io.clone().read_owned().await;
@@ -811,12 +811,23 @@ impl Shared {
         } else {
             Ok(())
         };
-        if std::mem::take(&mut lock(&fs.core).error) {
+        let (error, unflushed) = {
+            let mut c = lock(&fs.core);
+            (
+                std::mem::take(&mut c.error),
+                std::mem::take(&mut c.unflushed),
+            )
+        };
+        if error {
             return Err(VolumeError::WriteBack(fs.ino));
         }
         res?;
-        if self.meta.may_write() {
-            self.lun.flush().await?;
+        if unflushed
+            && self.meta.may_write()
+            && let Err(e) = self.lun.flush().await
+        {
+            lock(&fs.core).unflushed = true;
+            return Err(e.into());
         }
         Ok(())
     }
@@ -1071,7 +1082,7 @@ impl Shared {
     async fn maybe_break(&self, fs: Arc<FileState>) {
         let key = data_lock_key(fs.ino);
         let me = self.meta.node_id();
-        let wanted = match self.meta.lock_info(&key, Consistency::Local).await {
+        let wanted = match self.meta.lock_info(&key, Consistency::Replica).await {
             Ok(Some(info)) => info.break_requested_by.is_some_and(|n| n != me),
             Ok(None) | Err(_) => false,
         };

@@ -182,6 +182,8 @@ pub(crate) struct Shared {
     advisory: advisory::Table,
     stop: watch::Sender<bool>,
     me: Weak<Shared>,
+    /// The runtime background work runs on (handles may be dropped on other threads).
+    pub(crate) rt: tokio::runtime::Handle,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -230,6 +232,7 @@ impl Volume {
         }
         let shared = Arc::new_cyclic(|me| Shared {
             me: me.clone(),
+            rt: tokio::runtime::Handle::current(),
             meta,
             lun,
             info,
@@ -304,10 +307,8 @@ impl Volume {
         Ok(self.shared.overlay(attr))
     }
 
+    /// Attributes (linearizable), with this node's view of the size of a file it writes.
     pub async fn getattr(&self, ino: Ino) -> VolumeResult<Attr> {
-        if let Some(a) = self.shared.cached_attr(ino) {
-            return Ok(a);
-        }
         let attr = self.shared.getattr(ino, Consistency::Linearizable).await?;
         Ok(self.shared.overlay(attr))
     }
@@ -518,11 +519,9 @@ impl Volume {
         )
     }
 
-    /// The parent of a directory (for `..`).
+    /// Attributes from this node's replica (for listings), with this node's view of the
+    /// size of a file it writes.
     pub async fn getattr_local(&self, ino: Ino) -> VolumeResult<Attr> {
-        if let Some(a) = self.shared.cached_attr(ino) {
-            return Ok(a);
-        }
         let attr = self.shared.getattr(ino, Consistency::Local).await?;
         Ok(self.shared.overlay(attr))
     }
@@ -685,12 +684,6 @@ impl Shared {
         attr
     }
 
-    /// The attributes of a file whose data lock this node holds (fresh by the lock).
-    fn cached_attr(&self, ino: Ino) -> Option<Attr> {
-        let fs = lock(&self.files).get(&ino).cloned()?;
-        fs.cached_attr()
-    }
-
     /// Discards LUN blocks this node still owns through an exclusive data lock.
     async fn discard(&self, ranges: &[BlockRange]) {
         if !self.meta.may_write() {
@@ -767,7 +760,7 @@ impl Shared {
         if fs.drop_ref() == 0 {
             let shared = Arc::downgrade(self);
             let fs = fs.clone();
-            tokio::spawn(async move {
+            self.rt.spawn(async move {
                 if let Some(shared) = shared.upgrade() {
                     shared.retire(fs).await;
                 }
