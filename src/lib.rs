@@ -4,12 +4,14 @@
 //! call into this library, which the integration tests in `tests/` drive directly.
 
 pub mod bench;
+pub mod chaos;
 pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod ctl;
 pub mod daemon;
 pub mod format;
+pub mod fsck;
 
 /// Sets up logging to stderr with `filter` (overridden by `RUST_LOG`).
 pub fn init_tracing(filter: &str) {
