@@ -363,47 +363,96 @@ pub fn exclusive_lock(ops: &[OpRecord]) -> Verdict {
     }
 }
 
-/// An operation carrying a token: (invoke, return, token, key, node).
-type Tokened<'a> = (f64, f64, u64, &'a str, u64);
+/// Something carrying a token, with bounds on when it took effect: (earliest, latest,
+/// token, node).
+type Tokened = (f64, f64, u64, u64);
 
-/// Fencing tokens are monotonic: a grant that began after another ended has a larger
-/// token (tokens increase across every grant of any lock), and a fenced write accepted
-/// after another accepted write to the same file never carries an older token.
+/// Each grant (one token) with bounds on the moment it was granted.
+///
+/// A node's session re-acquiring a lock it still holds gets the old token back, so an ok
+/// acquire does not prove when its token was granted: the grant may come from an earlier
+/// indeterminate acquire of the same key on the same node. The earliest possible moment
+/// is the invocation of the first acquire of that key on that node that may have taken
+/// effect after the last release known to have completed before the first ok acquire
+/// with the token (after that release the node certainly held no grant of the key). The
+/// latest moment is the first return of an ok acquire with the token.
+fn grant_bounds(ops: &[OpRecord]) -> Vec<Tokened> {
+    let mut first: BTreeMap<u64, &OpRecord> = BTreeMap::new();
+    let mut latest: BTreeMap<u64, f64> = BTreeMap::new();
+    for o in ops.iter().filter(|o| o.outcome == Outcome::Ok) {
+        if let OpKind::LockAcquire { token: Some(t), .. } = &o.kind {
+            let e = first.entry(*t).or_insert(o);
+            if o.invoke_s < e.invoke_s {
+                *e = o;
+            }
+            let l = latest.entry(*t).or_insert(f64::INFINITY);
+            *l = l.min(o.return_s);
+        }
+    }
+    let mut out = Vec::new();
+    for (t, a) in first {
+        let OpKind::LockAcquire { key, .. } = &a.kind else {
+            continue;
+        };
+        let same = |o: &&OpRecord| o.node == a.node;
+        let released_at = ops
+            .iter()
+            .filter(same)
+            .filter(|o| o.outcome == Outcome::Ok && o.return_s < a.invoke_s)
+            .filter(|o| matches!(&o.kind, OpKind::LockRelease { key: k, .. } if k == key))
+            .map(|o| o.invoke_s)
+            .fold(f64::NEG_INFINITY, f64::max);
+        let earliest = ops
+            .iter()
+            .filter(same)
+            .filter(|o| o.invoke_s <= a.invoke_s && o.outcome != Outcome::Failed)
+            .filter(|o| match &o.kind {
+                OpKind::LockAcquire { key: k, token } => {
+                    k == key && (*token == Some(t) || o.outcome == Outcome::Indeterminate)
+                }
+                _ => false,
+            })
+            .filter(|o| o.outcome == Outcome::Indeterminate || o.return_s > released_at)
+            .map(|o| o.invoke_s)
+            .fold(a.invoke_s, f64::min);
+        out.push((earliest, latest[&t], t, a.node));
+    }
+    out
+}
+
+/// Fencing tokens are monotonic: a grant certainly made after another has a larger token
+/// (tokens increase across every grant of any lock), and a fenced write accepted after
+/// another accepted write to the same file never carries an older token.
 pub fn fencing(ops: &[OpRecord]) -> Verdict {
     let mut problems = Vec::new();
-    // Grants: (invoke, return, token, key, node) of ok acquires.
-    let mut acq: Vec<Tokened<'_>> = ops
-        .iter()
-        .filter(|o| o.outcome == Outcome::Ok)
-        .filter_map(|o| match &o.kind {
-            OpKind::LockAcquire {
-                key,
-                token: Some(t),
-            } => Some((o.invoke_s, o.return_s, *t, key.as_str(), o.node)),
-            _ => None,
-        })
-        .collect();
     let mut owner: BTreeMap<u64, (&str, u64)> = BTreeMap::new();
-    for (_, _, t, k, n) in &acq {
-        match owner.get(t) {
-            Some((k0, n0)) if (k0, n0) != (k, n) => problems.push(format!(
-                "token {t} granted for {k0} on node {n0} and for {k} on node {n}"
-            )),
-            _ => {
-                owner.insert(*t, (k, *n));
+    for o in ops.iter().filter(|o| o.outcome == Outcome::Ok) {
+        if let OpKind::LockAcquire {
+            key,
+            token: Some(t),
+        } = &o.kind
+        {
+            match owner.get(t) {
+                Some((k0, n0)) if (*k0, *n0) != (key.as_str(), o.node) => problems.push(format!(
+                    "token {t} granted for {k0} on node {n0} and for {key} on node {}",
+                    o.node
+                )),
+                _ => {
+                    owner.insert(*t, (key, o.node));
+                }
             }
         }
     }
-    problems.extend(monotonic(&mut acq, "grant"));
-    let grants_n = acq.len();
+    let mut grants = grant_bounds(ops);
+    problems.extend(monotonic(&mut grants, "grant"));
     // Fenced writes per file.
-    let mut writes: BTreeMap<u64, Vec<Tokened<'_>>> = BTreeMap::new();
+    let mut writes: BTreeMap<u64, Vec<Tokened>> = BTreeMap::new();
     for o in ops.iter().filter(|o| o.outcome == Outcome::Ok) {
         if let OpKind::FencedWrite { ino, token, .. } = o.kind {
             writes
                 .entry(ino)
                 .or_default()
-                .push((o.invoke_s, o.return_s, token, "", o.node));
+                .push((o.invoke_s, o.return_s, token, o.node));
         }
     }
     let mut writes_n = 0;
@@ -415,36 +464,37 @@ pub fn fencing(ops: &[OpRecord]) -> Verdict {
     }
     if problems.is_empty() {
         Verdict::ok(format!(
-            "{grants_n} grants and {writes_n} accepted fenced writes, tokens monotonic"
+            "{} grants and {writes_n} accepted fenced writes, tokens monotonic",
+            grants.len()
         ))
     } else {
         Verdict::violations("fencing violations", &problems)
     }
 }
 
-/// For operations (invoke, return, token, key, node): an operation invoked after another
-/// returned never carries a smaller token.
-fn monotonic(ops: &mut [Tokened<'_>], what: &str) -> Vec<String> {
+/// For items (earliest, latest, token, node): an item that certainly took effect after
+/// another (its earliest moment is after the other's latest) never carries a smaller token.
+fn monotonic(items: &mut [Tokened], what: &str) -> Vec<String> {
     let mut problems = Vec::new();
-    let mut by_return: Vec<(f64, u64, u64)> = ops.iter().map(|o| (o.1, o.2, o.4)).collect();
-    by_return.sort_by(|a, b| a.0.total_cmp(&b.0));
-    ops.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut by_latest: Vec<(f64, u64, u64)> = items.iter().map(|o| (o.1, o.2, o.3)).collect();
+    by_latest.sort_by(|a, b| a.0.total_cmp(&b.0));
+    items.sort_by(|a, b| a.0.total_cmp(&b.0));
     let mut i = 0;
-    // The largest token among operations that returned before the current invocation.
+    // The largest token among items that took effect before the current one's earliest.
     let mut max: Option<(u64, f64, u64)> = None;
-    for (inv, _, t, _, node) in ops.iter() {
-        while i < by_return.len() && by_return[i].0 < *inv {
-            let (ret, tok, n) = by_return[i];
+    for (earliest, _, t, node) in items.iter() {
+        while i < by_latest.len() && by_latest[i].0 < *earliest {
+            let (latest, tok, n) = by_latest[i];
             if max.is_none_or(|(m, _, _)| tok > m) {
-                max = Some((tok, ret, n));
+                max = Some((tok, latest, n));
             }
             i += 1;
         }
-        if let Some((m, ret, n)) = max
+        if let Some((m, latest, n)) = max
             && m > *t
         {
             problems.push(format!(
-                "{what} with token {t} (node {node}, invoked {inv:.3}s) came after {what} with token {m} (node {n}, done {ret:.3}s)"
+                "{what} with token {t} (node {node}, not before {earliest:.3}s) came after {what} with token {m} (node {n}, by {latest:.3}s)"
             ));
         }
     }
