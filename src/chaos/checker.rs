@@ -370,51 +370,72 @@ type Tokened = (f64, f64, u64, u64);
 /// Each grant (one token) with bounds on the moment it was granted.
 ///
 /// A node's session re-acquiring a lock it still holds gets the old token back, so an ok
-/// acquire does not prove when its token was granted: the grant may come from an earlier
-/// indeterminate acquire of the same key on the same node. The earliest possible moment
-/// is the invocation of the first acquire of that key on that node that may have taken
-/// effect after the last release known to have completed before the first ok acquire
-/// with the token (after that release the node certainly held no grant of the key). The
-/// latest moment is the first return of an ok acquire with the token.
+/// acquire does not prove when its token was granted: an earlier indeterminate acquire of
+/// the same key on the same node may have made the grant, at any time after it was
+/// invoked. But once a release of the key by that node completed, the node held no grant
+/// of it, so a token it holds later was granted after that release was invoked. The
+/// earliest moment of a grant is therefore the later of (a) the last such release before
+/// the first ok acquire with the token and (b) the earliest of that acquire and any
+/// indeterminate acquire of the key on the node before it. The latest moment is the first
+/// return of an ok acquire with the token.
 fn grant_bounds(ops: &[OpRecord]) -> Vec<Tokened> {
+    #[derive(Default)]
+    struct Group {
+        /// (return, invoke) of ok releases, sorted by return, invoke as a running max.
+        releases: Vec<(f64, f64)>,
+        /// The earliest invocation of an indeterminate acquire.
+        first_unknown: Vec<f64>,
+    }
+    let mut groups: BTreeMap<(u64, &str), Group> = BTreeMap::new();
     let mut first: BTreeMap<u64, &OpRecord> = BTreeMap::new();
     let mut latest: BTreeMap<u64, f64> = BTreeMap::new();
-    for o in ops.iter().filter(|o| o.outcome == Outcome::Ok) {
-        if let OpKind::LockAcquire { token: Some(t), .. } = &o.kind {
-            let e = first.entry(*t).or_insert(o);
-            if o.invoke_s < e.invoke_s {
-                *e = o;
+    for o in ops {
+        match (&o.kind, o.outcome) {
+            (OpKind::LockRelease { key, .. }, Outcome::Ok) => groups
+                .entry((o.node, key))
+                .or_default()
+                .releases
+                .push((o.return_s, o.invoke_s)),
+            (OpKind::LockAcquire { key, .. }, Outcome::Indeterminate) => groups
+                .entry((o.node, key))
+                .or_default()
+                .first_unknown
+                .push(o.invoke_s),
+            (OpKind::LockAcquire { token: Some(t), .. }, Outcome::Ok) => {
+                let e = first.entry(*t).or_insert(o);
+                if o.invoke_s < e.invoke_s {
+                    *e = o;
+                }
+                let l = latest.entry(*t).or_insert(f64::INFINITY);
+                *l = l.min(o.return_s);
             }
-            let l = latest.entry(*t).or_insert(f64::INFINITY);
-            *l = l.min(o.return_s);
+            _ => {}
         }
+    }
+    for g in groups.values_mut() {
+        g.releases.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut m = f64::NEG_INFINITY;
+        for r in g.releases.iter_mut() {
+            m = m.max(r.1);
+            r.1 = m;
+        }
+        g.first_unknown.sort_by(f64::total_cmp);
     }
     let mut out = Vec::new();
     for (t, a) in first {
         let OpKind::LockAcquire { key, .. } = &a.kind else {
             continue;
         };
-        let same = |o: &&OpRecord| o.node == a.node;
-        let released_at = ops
-            .iter()
-            .filter(same)
-            .filter(|o| o.outcome == Outcome::Ok && o.return_s < a.invoke_s)
-            .filter(|o| matches!(&o.kind, OpKind::LockRelease { key: k, .. } if k == key))
-            .map(|o| o.invoke_s)
-            .fold(f64::NEG_INFINITY, f64::max);
-        let earliest = ops
-            .iter()
-            .filter(same)
-            .filter(|o| o.invoke_s <= a.invoke_s && o.outcome != Outcome::Failed)
-            .filter(|o| match &o.kind {
-                OpKind::LockAcquire { key: k, token } => {
-                    k == key && (*token == Some(t) || o.outcome == Outcome::Indeterminate)
-                }
-                _ => false,
-            })
-            .filter(|o| o.outcome == Outcome::Indeterminate || o.return_s > released_at)
-            .map(|o| o.invoke_s)
-            .fold(a.invoke_s, f64::min);
+        let mut earliest = a.invoke_s;
+        if let Some(g) = groups.get(&(a.node, key.as_str())) {
+            if let Some(u) = g.first_unknown.first() {
+                earliest = earliest.min(*u);
+            }
+            let i = g.releases.partition_point(|r| r.0 < a.invoke_s);
+            if i > 0 {
+                earliest = earliest.max(g.releases[i - 1].1);
+            }
+        }
         out.push((earliest, latest[&t], t, a.node));
     }
     out
