@@ -488,6 +488,14 @@ async fn chaos(cli: &Cli, args: &ChaosArgs) -> anyhow::Result<ExitCode> {
         "csvctl chaos: seed {seed} (replay with --seed {seed}); history {}",
         opts.history_path().display()
     );
+    // Ctrl-C ends the fault phase early; the run still heals, converges and checks.
+    let interrupt = opts.interrupt.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("csvctl chaos: interrupted; healing and checking the run so far");
+            interrupt.cancel();
+        }
+    });
     let report = chaos::run(&opts).await?;
     print_report(&report, args.json)
 }

@@ -58,6 +58,9 @@ pub struct ChaosOptions {
     pub shape: ScheduleShape,
     /// How long to wait for the cluster to be ready again after healing.
     pub converge_timeout: Duration,
+    /// Ends the fault phase early (e.g. on Ctrl-C); healing, convergence and the checks
+    /// still run, over the shortened history.
+    pub interrupt: CancellationToken,
 }
 
 impl ChaosOptions {
@@ -75,6 +78,7 @@ impl ChaosOptions {
             session_ttl_ms: 4_000,
             shape: ScheduleShape::default(),
             converge_timeout: Duration::from_secs(60),
+            interrupt: CancellationToken::new(),
         }
     }
 
@@ -255,15 +259,25 @@ async fn run_on(
         .iter()
         .map(|w| tokio::spawn(w.clone().run(env.clone(), stop.clone())))
         .collect();
+    let interrupt = &opts.interrupt;
+    // Sleeps until `at`; false if the run was interrupted.
+    let wait = |at: Instant| async move {
+        tokio::select! {
+            _ = tokio::time::sleep_until(at.into()) => true,
+            _ = interrupt.cancelled() => false,
+        }
+    };
     for f in &plan {
-        tokio::time::sleep_until((base + Duration::from_secs_f64(f.at_s)).into()).await;
+        if !wait(base + Duration::from_secs_f64(f.at_s)).await {
+            break;
+        }
         let Some(nem) = nemeses.iter_mut().find(|n| n.kinds().contains(&f.kind)) else {
             continue;
         };
         let start_s = rec.now();
         let (node, detail) = match nem.inject(f, ctl).await {
             Ok(active) => {
-                tokio::time::sleep(Duration::from_secs_f64(f.duration_s)).await;
+                wait(Instant::now() + Duration::from_secs_f64(f.duration_s)).await;
                 let healed = nem.heal(&active, ctl).await;
                 let mut detail = format!("{} for {:.1}s", active.action, f.duration_s);
                 if let Err(e) = healed {
@@ -281,7 +295,12 @@ async fn run_on(
             detail,
         });
     }
-    tokio::time::sleep_until((base + opts.duration).into()).await;
+    if !wait(base + opts.duration).await {
+        tracing::warn!(
+            after_s = rec.now(),
+            "interrupted: healing and checking the run so far"
+        );
+    }
     stop.cancel();
     let mut failure = None;
     for r in running {
