@@ -64,6 +64,65 @@ pub enum Cmd {
     /// Benchmarks against a running cluster.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Fault-injection run: workloads plus a seeded fault schedule, then checkers.
+    /// Exit status 0 only when every checker is valid.
+    Chaos(ChaosArgs),
+    /// Check the volume's allocation and namespace invariants: on every node of a live
+    /// cluster, or offline on stopped nodes' Raft stores (`--store`, `--offline`).
+    Fsck {
+        /// A stopped node's Raft store (or its node or data directory); repeatable.
+        #[arg(long)]
+        store: Vec<PathBuf>,
+        /// Check every node's store of the (stopped) local cluster given by --cluster.
+        #[arg(long)]
+        offline: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct ChaosArgs {
+    #[command(subcommand)]
+    pub cmd: Option<ChaosCmd>,
+    /// Nodes of the local cluster to start (ignored with --cluster).
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
+    /// How long the workloads run under faults: 60s, 10m, 1h.
+    #[arg(long, default_value = "60s")]
+    pub duration: String,
+    /// Seed of the fault schedule and the workloads (random if not given; always printed).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Fault kinds: kill, pause, leader, partition, san-down, san-hang, san-flaky, migrate
+    /// (or none).
+    #[arg(long, default_value = "kill,pause,leader")]
+    pub faults: String,
+    /// Workloads: meta, nbd, fuse.
+    #[arg(long, default_value = "meta")]
+    pub workload: String,
+    #[arg(long)]
+    pub json: bool,
+    /// Start the cluster in DIR and keep it (with the history) after the run.
+    #[arg(long)]
+    pub keep: Option<PathBuf>,
+    /// Where to write the history (JSON lines).
+    #[arg(long)]
+    pub history: Option<PathBuf>,
+    /// Session TTL of the cluster the run starts, in ms (at least 4 election timeouts).
+    #[arg(long, default_value_t = 4_000)]
+    pub session_ttl_ms: u64,
+}
+
+#[derive(Subcommand)]
+pub enum ChaosCmd {
+    /// Re-run the checkers on a saved history and print the report.
+    Check {
+        history: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -343,6 +402,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Chaos(ref args) => chaos(&cli, args).await,
+        Cmd::Fsck {
+            ref store,
+            offline,
+            json,
+        } => fsck(&cli, store, offline, json).await,
         Cmd::Cluster(ClusterCmd::Down { ref dir }) => {
             cluster::down(dir, &mut Children::default()).await?;
             println!(
@@ -382,6 +447,144 @@ fn print_next_steps(dir: &std::path::Path, c: &ClusterFile, detach: bool) {
     } else {
         println!("Press Ctrl-C to stop the cluster.");
     }
+}
+
+fn print_report(r: &crate::chaos::report::Report, json: bool) -> anyhow::Result<ExitCode> {
+    if json {
+        println!("{}", serde_json::to_string(r)?);
+    } else {
+        print!("{}", r.table());
+    }
+    Ok(if r.valid {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+async fn chaos(cli: &Cli, args: &ChaosArgs) -> anyhow::Result<ExitCode> {
+    use crate::chaos::{self, ChaosOptions, history::History, report::Report};
+    if let Some(ChaosCmd::Check { history, json }) = &args.cmd {
+        let h = History::load(history)?;
+        eprintln!("csvctl chaos check: seed {}", h.header.seed);
+        return print_report(
+            &Report::from_history(&h, &history.display().to_string()),
+            *json,
+        );
+    }
+    let duration =
+        chaos::schedule::parse_duration(&args.duration).map_err(|e| anyhow::anyhow!(e))?;
+    let seed = args.seed.unwrap_or_else(rand::random);
+    let mut opts = ChaosOptions::new(args.nodes, duration, seed);
+    opts.faults = chaos::schedule::FaultKind::parse_list(&args.faults)
+        .map_err(|e| anyhow::anyhow!("--faults: {e}"))?;
+    opts.workloads = chaos::workload::WorkloadKind::parse_list(&args.workload)
+        .map_err(|e| anyhow::anyhow!("--workload: {e}"))?;
+    opts.keep = args.keep.clone();
+    opts.cluster = cli.cluster.clone();
+    opts.history = args.history.clone();
+    opts.session_ttl_ms = args.session_ttl_ms;
+    eprintln!(
+        "csvctl chaos: seed {seed} (replay with --seed {seed}); history {}",
+        opts.history_path().display()
+    );
+    // Ctrl-C ends the fault phase early; the run still heals, converges and checks.
+    let interrupt = opts.interrupt.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("csvctl chaos: interrupted; healing and checking the run so far");
+            interrupt.cancel();
+        }
+    });
+    let report = chaos::run(&opts).await?;
+    print_report(&report, args.json)
+}
+
+async fn fsck(
+    cli: &Cli,
+    stores: &[PathBuf],
+    offline: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut stores = stores.to_vec();
+    if offline {
+        let dir = cli
+            .cluster
+            .as_ref()
+            .context("--offline needs --cluster DIR (or give --store PATH)")?;
+        let c = ClusterFile::load(dir)?;
+        stores.extend(c.nodes.iter().map(|n| dir.join(format!("node{}", n.id))));
+    }
+    let mut clean = true;
+    if !stores.is_empty() {
+        let mut out = Vec::new();
+        for s in &stores {
+            let r = crate::fsck::offline(s).await?;
+            clean &= r.violations.is_empty();
+            out.push(r);
+        }
+        if json {
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        } else {
+            for r in &out {
+                print_fsck(
+                    &r.store.display().to_string(),
+                    r.applied,
+                    Some(&r.violations),
+                    "",
+                );
+            }
+        }
+    } else {
+        let (c, ids) = client_and_ids(cli)?;
+        let out = crate::fsck::live(&c, &ids).await;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        } else {
+            for r in &out {
+                print_fsck(
+                    &format!("node {}", r.node),
+                    r.applied,
+                    r.violations.as_ref(),
+                    &r.error,
+                );
+            }
+        }
+        clean = out
+            .iter()
+            .all(|r| r.violations.as_ref().is_some_and(|v| v.is_empty()));
+    }
+    Ok(if clean {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn print_fsck(what: &str, applied: u64, violations: Option<&Vec<String>>, error: &str) {
+    match violations {
+        Some(v) if v.is_empty() => println!("{what}: clean at log index {applied}"),
+        Some(v) => {
+            println!("{what}: {} violations at log index {applied}", v.len());
+            for e in v {
+                println!("  {e}");
+            }
+        }
+        None => println!("{what}: NOT CHECKED: {error}"),
+    }
+}
+
+/// A client and the ids of the nodes it talks to.
+fn client_and_ids(cli: &Cli) -> anyhow::Result<(CtlClient, Vec<u64>)> {
+    let ids = if cli.node_addr.is_empty() {
+        let dir = cli.cluster.as_ref().context(
+            "say which cluster: --cluster DIR (or CSV_CLUSTER), or --node-addr with --secret-file",
+        )?;
+        ClusterFile::load(dir)?.nodes.iter().map(|n| n.id).collect()
+    } else {
+        (1..=cli.node_addr.len() as u64).collect()
+    };
+    Ok((client(cli)?, ids))
 }
 
 fn client(cli: &Cli) -> anyhow::Result<CtlClient> {

@@ -4,12 +4,14 @@
 //! call into this library, which the integration tests in `tests/` drive directly.
 
 pub mod bench;
+pub mod chaos;
 pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod ctl;
 pub mod daemon;
 pub mod format;
+pub mod fsck;
 
 /// Sets up logging to stderr with `filter` (overridden by `RUST_LOG`).
 pub fn init_tracing(filter: &str) {
@@ -18,6 +20,7 @@ pub fn init_tracing(filter: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(env)
         .with_target(false)
+        .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }

@@ -30,7 +30,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::network::Network;
 use crate::rpc::auth::ClusterKey;
-use crate::rpc::message::{LeaderError, NodeStatus, Query, QueryReply, Reply, Request};
+use crate::rpc::message::{
+    LeaderError, NodeStatus, Query, QueryReply, Reply, Request, StateDigest,
+};
 use crate::rpc::{self, RpcClient, RpcError};
 use crate::state::VolumeState;
 use crate::store::{self, StateMachineData};
@@ -886,7 +888,29 @@ impl MetaNode {
                     .await
                     .map_err(|e| LeaderError::Unavailable(e.to_string())),
             ),
+            Request::StateDigest => Reply::StateDigest(self.state_digest()),
         }
+    }
+
+    /// This replica's applied index and the blake3 digest of its postcard-encoded state,
+    /// taken together: retaken while an apply moved the index during the encoding.
+    pub fn state_digest(&self) -> Result<StateDigest, String> {
+        let index =
+            |rx: &watch::Receiver<Option<LogId<NodeId>>>| rx.borrow().map(|l| l.index).unwrap_or(0);
+        for _ in 0..32 {
+            let before = index(&self.applied);
+            let bytes = self
+                .read_local(postcard::to_allocvec)
+                .map_err(|e| format!("cannot encode the state: {e}"))?;
+            if index(&self.applied) == before {
+                return Ok(StateDigest {
+                    node: self.cfg.node_id,
+                    applied: before,
+                    digest: *blake3::hash(&bytes).as_bytes(),
+                });
+            }
+        }
+        Err("the state kept changing while it was encoded".into())
     }
 
     async fn handle_join(&self, node: NodeId, rpc_addr: String) -> Result<(), LeaderError> {

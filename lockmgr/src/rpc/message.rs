@@ -71,6 +71,9 @@ pub enum Request {
         service: u8,
         payload: Vec<u8>,
     },
+    /// This node's applied log index and a digest of its local replica (not linearizable:
+    /// it describes this replica, to compare replicas with each other).
+    StateDigest,
 }
 
 /// Reads of the metadata (what `csvctl` shows).
@@ -147,6 +150,16 @@ pub enum Reply {
     Ext(Result<Vec<u8>, String>),
     /// The request could not be served at all (decoding or an internal error).
     Refused(String),
+    StateDigest(Result<StateDigest, String>),
+}
+
+/// A replica's state at one applied log index: blake3 of the postcard-encoded state
+/// machine. Replicas that applied the same log prefix have the same digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateDigest {
+    pub node: NodeId,
+    pub applied: u64,
+    pub digest: [u8; 32],
 }
 
 pub fn encode<T: Serialize>(env: &Envelope<T>) -> Result<Vec<u8>, RpcError> {

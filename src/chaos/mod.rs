@@ -1,0 +1,435 @@
+//! The chaos harness: runs workloads against a real cluster while a seeded schedule of
+//! faults hits it, heals everything, waits for convergence, gathers the final state, and
+//! checks the whole history (`csvctl chaos`, and the integration tests through [`run`]).
+//!
+//! - [`schedule`]: fault kinds and the deterministic schedule from a seed;
+//! - [`nemesis`]: what injects and heals each fault kind;
+//! - [`workload`]: the clients, recording every operation;
+//! - [`history`]: the recorded run (JSON lines), re-checkable offline;
+//! - [`checker`]: pure verdicts over a history;
+//! - [`report`]: counts, faults with their stalls, verdicts.
+//!
+//! Invariants of a run: nothing starts before every requested fault kind and workload
+//! is known to be available; every injected fault is healed before the final state is
+//! gathered; the verdict is computed from the history file's content alone.
+
+pub mod checker;
+pub mod history;
+pub mod nemesis;
+pub mod report;
+pub mod schedule;
+pub mod workload;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lockmgr::rpc::message::{Reply, Request};
+use tokio_util::sync::CancellationToken;
+
+use self::history::{
+    FaultRecord, FinalState, HistoryError, NodeDigest, NodePath, Recorder, RunHeader,
+};
+use self::nemesis::{ClusterControl, Nemesis, NemesisError};
+use self::report::Report;
+use self::schedule::{FaultKind, ScheduleShape};
+use self::workload::{Workload, WorkloadEnv, WorkloadError, WorkloadKind};
+use crate::client::CtlClient;
+use crate::cluster::{self, Children, ClusterFile, UpOptions};
+
+/// How to run one chaos test.
+#[derive(Debug, Clone)]
+pub struct ChaosOptions {
+    pub nodes: usize,
+    pub duration: Duration,
+    pub seed: u64,
+    pub faults: Vec<FaultKind>,
+    pub workloads: Vec<WorkloadKind>,
+    /// Keep the cluster (and the history) in this directory.
+    pub keep: Option<PathBuf>,
+    /// Use this running cluster instead of starting one.
+    pub cluster: Option<PathBuf>,
+    /// Where to write the history (default: see [`ChaosOptions::history_path`]).
+    pub history: Option<PathBuf>,
+    /// The csvd binary (to start the cluster and restart killed nodes).
+    pub csvd: PathBuf,
+    /// Session TTL of a cluster the harness starts (short, so pauses outlive sessions).
+    pub session_ttl_ms: u64,
+    pub shape: ScheduleShape,
+    /// How long to wait for the cluster to be ready again after healing.
+    pub converge_timeout: Duration,
+    /// Ends the fault phase early (e.g. on Ctrl-C); healing, convergence and the checks
+    /// still run, over the shortened history.
+    pub interrupt: CancellationToken,
+}
+
+impl ChaosOptions {
+    pub fn new(nodes: usize, duration: Duration, seed: u64) -> Self {
+        ChaosOptions {
+            nodes,
+            duration,
+            seed,
+            faults: vec![FaultKind::Kill, FaultKind::Pause, FaultKind::Leader],
+            workloads: vec![WorkloadKind::Meta],
+            keep: None,
+            cluster: None,
+            history: None,
+            csvd: cluster::default_csvd_binary(),
+            session_ttl_ms: 4_000,
+            shape: ScheduleShape::default(),
+            converge_timeout: Duration::from_secs(60),
+            interrupt: CancellationToken::new(),
+        }
+    }
+
+    /// `--history`, else `KEEP/history.jsonl`, else `CLUSTER/chaos-SEED.jsonl`, else
+    /// `./chaos-SEED.jsonl`.
+    pub fn history_path(&self) -> PathBuf {
+        let name = format!("chaos-{}.jsonl", self.seed);
+        match (&self.history, &self.keep, &self.cluster) {
+            (Some(h), _, _) => h.clone(),
+            (None, Some(k), _) => k.join("history.jsonl"),
+            (None, None, Some(c)) => c.join(name),
+            (None, None, None) => PathBuf::from(name),
+        }
+    }
+}
+
+/// What the harness failed to do (a run that finishes with violations is not an error:
+/// it is an invalid [`Report`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ChaosError {
+    #[error("refused: {0}")]
+    Options(String),
+    #[error("cannot inject the faults asked for")]
+    Faults(#[source] NemesisError),
+    #[error("cannot run the workloads asked for")]
+    Workload(#[source] WorkloadError),
+    #[error("cannot start or reach the cluster in {dir}")]
+    Cluster {
+        dir: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("cannot record the history")]
+    History(#[source] HistoryError),
+}
+
+/// Runs a chaos test and returns its report (`report.valid` is the verdict).
+pub async fn run(opts: &ChaosOptions) -> Result<Report, ChaosError> {
+    if !(1..=16).contains(&opts.nodes) && opts.cluster.is_none() {
+        return Err(ChaosError::Options(format!(
+            "--nodes must be between 1 and 16 (got {})",
+            opts.nodes
+        )));
+    }
+    if opts.duration.as_secs_f64() < opts.shape.warmup_s + opts.shape.tail_s {
+        return Err(ChaosError::Options(format!(
+            "--duration must be at least {:.0}s",
+            opts.shape.warmup_s + opts.shape.tail_s
+        )));
+    }
+    // Refuse what this build cannot do before anything starts.
+    let mut nemeses = nemesis::registry(&opts.faults).map_err(ChaosError::Faults)?;
+    let workloads = opts
+        .workloads
+        .iter()
+        .map(|k| workload::build(*k))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(ChaosError::Workload)?;
+
+    let (dir, owned, temp) = match (&opts.cluster, &opts.keep) {
+        (Some(c), _) => (c.clone(), false, false),
+        (None, Some(k)) => (k.clone(), true, false),
+        (None, None) => (
+            std::env::temp_dir().join(format!(
+                "csvd-chaos-{}-{}-{:08x}",
+                opts.seed,
+                std::process::id(),
+                rand::random::<u32>()
+            )),
+            true,
+            true,
+        ),
+    };
+    let cluster_err = |e: anyhow::Error| ChaosError::Cluster {
+        dir: dir.clone(),
+        source: e.into(),
+    };
+    let mut children = Children::default();
+    let file = if owned {
+        let mut up = UpOptions::new(dir.clone(), opts.nodes);
+        up.csvd = opts.csvd.clone();
+        up.lun_size = 256 << 20;
+        up.session.ttl_ms = opts.session_ttl_ms;
+        match cluster::up(&up, &mut children).await {
+            Ok(f) => f,
+            Err(e) => {
+                if ClusterFile::path(&dir).exists() {
+                    let _ = cluster::down(&dir, &mut children).await;
+                }
+                return Err(cluster_err(e));
+            }
+        }
+    } else {
+        ClusterFile::load(&dir).map_err(cluster_err)?
+    };
+    let dir = file
+        .lun
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or(dir.clone());
+    let mut ctl = ClusterControl {
+        dir: dir.clone(),
+        file,
+        children,
+        csvd: opts.csvd.clone(),
+    };
+
+    let result = run_on(opts, &mut ctl, &mut nemeses, workloads).await;
+
+    if owned {
+        if let Err(e) = cluster::down(&dir, &mut ctl.children).await {
+            tracing::warn!(error = %e, "stopping the chaos cluster");
+        }
+        let keep_failed = result.as_ref().map(|r| !r.valid).unwrap_or(true);
+        if temp && !keep_failed {
+            let _ = std::fs::remove_dir_all(&dir);
+        } else if temp {
+            eprintln!(
+                "csvctl chaos: the cluster of the failed run is kept in {}",
+                dir.display()
+            );
+        }
+    } else {
+        // Nodes we restarted belong to the user's cluster: leave them running.
+        std::mem::forget(std::mem::take(&mut ctl.children));
+    }
+    result
+}
+
+async fn run_on(
+    opts: &ChaosOptions,
+    ctl: &mut ClusterControl,
+    nemeses: &mut [Box<dyn Nemesis>],
+    mut workloads: Vec<Box<dyn Workload>>,
+) -> Result<Report, ChaosError> {
+    let node_ids = ctl.node_ids();
+    let run_s = opts.duration.as_secs_f64();
+    let plan = schedule::plan(opts.seed, &node_ids, run_s, &opts.faults, opts.shape);
+    let header = RunHeader {
+        seed: opts.seed,
+        nodes: node_ids.len(),
+        duration_s: run_s,
+        faults: opts.faults.iter().map(|k| k.name().to_string()).collect(),
+        workloads: opts
+            .workloads
+            .iter()
+            .map(|k| k.name().to_string())
+            .collect(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    };
+    let history_path = opts.history_path();
+    let rec = Arc::new(Recorder::create(&history_path, &header).map_err(ChaosError::History)?);
+    let key = ctl.file.key().map_err(|e| ChaosError::Cluster {
+        dir: ctl.dir.clone(),
+        source: e.into(),
+    })?;
+    let env = Arc::new(WorkloadEnv {
+        nodes: ctl
+            .file
+            .nodes
+            .iter()
+            .map(|n| (n.id, n.rpc.clone()))
+            .collect(),
+        key,
+        recorder: rec.clone(),
+        seed: opts.seed,
+    });
+    for w in workloads.iter_mut() {
+        w.setup(&env).await.map_err(ChaosError::Workload)?;
+    }
+    let workloads: Vec<Arc<dyn Workload>> = workloads.into_iter().map(Arc::from).collect();
+
+    // Run the workloads and the schedule.
+    let stop = CancellationToken::new();
+    let base = Instant::now();
+    rec.start_clock();
+    let running: Vec<_> = workloads
+        .iter()
+        .map(|w| tokio::spawn(w.clone().run(env.clone(), stop.clone())))
+        .collect();
+    let interrupt = &opts.interrupt;
+    // Sleeps until `at`; false if the run was interrupted.
+    let wait = |at: Instant| async move {
+        tokio::select! {
+            _ = tokio::time::sleep_until(at.into()) => true,
+            _ = interrupt.cancelled() => false,
+        }
+    };
+    for f in &plan {
+        if !wait(base + Duration::from_secs_f64(f.at_s)).await {
+            break;
+        }
+        let Some(nem) = nemeses.iter_mut().find(|n| n.kinds().contains(&f.kind)) else {
+            continue;
+        };
+        let start_s = rec.now();
+        let (node, detail) = match nem.inject(f, ctl).await {
+            Ok(active) => {
+                wait(Instant::now() + Duration::from_secs_f64(f.duration_s)).await;
+                let healed = nem.heal(&active, ctl).await;
+                let mut detail = format!("{} for {:.1}s", active.action, f.duration_s);
+                if let Err(e) = healed {
+                    detail.push_str(&format!("; heal failed: {e}"));
+                }
+                (active.node, detail)
+            }
+            Err(e) => (f.node, format!("not injected: {e}")),
+        };
+        rec.fault(FaultRecord {
+            kind: f.kind.name().into(),
+            node,
+            start_s,
+            end_s: rec.now(),
+            detail,
+        });
+    }
+    if !wait(base + opts.duration).await {
+        tracing::warn!(
+            after_s = rec.now(),
+            "interrupted: healing and checking the run so far"
+        );
+    }
+    stop.cancel();
+    let mut failure = None;
+    for r in running {
+        match r.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failure = Some(ChaosError::Workload(e)),
+            Err(_) => {
+                failure = Some(ChaosError::Workload(WorkloadError::Panicked {
+                    workload: "?",
+                }))
+            }
+        }
+    }
+
+    // Heal everything, wait for convergence, read back, gather the final state.
+    for n in nemeses.iter_mut() {
+        if let Err(e) = n.heal_all(ctl).await {
+            tracing::warn!(error = %e, "healing");
+        }
+    }
+    let healed = Instant::now();
+    let converge_s = match cluster::wait_ready(&ctl.file, opts.converge_timeout).await {
+        Ok(()) => Some(healed.elapsed().as_secs_f64()),
+        Err(e) => {
+            tracing::warn!(error = %e, "the cluster did not converge");
+            None
+        }
+    };
+    for w in &workloads {
+        if let Err(e) = w.verify(&env).await {
+            failure = Some(ChaosError::Workload(e));
+        }
+    }
+    let client = ctl.file.client().map_err(|e| ChaosError::Cluster {
+        dir: ctl.dir.clone(),
+        source: e.into(),
+    })?;
+    let final_state = FinalState {
+        converge_s,
+        fsck: crate::fsck::live(&client, &node_ids).await,
+        digests: digests(&client, &node_ids, Duration::from_secs(30)).await,
+        paths: paths(&client).await,
+        nodes: node_ids,
+    };
+    rec.final_state(final_state);
+    rec.flush().map_err(ChaosError::History)?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let h = rec.snapshot(&header);
+    Ok(Report::from_history(
+        &h,
+        &history_path.display().to_string(),
+    ))
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Every node's state digest, once all nodes report the same applied index (the log
+/// keeps growing with keep-alives and ticks, so this polls). A mismatch at one index is
+/// confirmed over several rounds before it is reported, which rules out a replica
+/// caught between applying and publishing its index.
+pub async fn digests(client: &CtlClient, nodes: &[u64], timeout: Duration) -> Vec<NodeDigest> {
+    let deadline = Instant::now() + timeout;
+    let mut mismatches = 0;
+    loop {
+        let calls = nodes.iter().map(|&node| async move {
+            match client
+                .call(node, Request::StateDigest, Duration::from_secs(2))
+                .await
+            {
+                Ok(Reply::StateDigest(Ok(d))) => NodeDigest {
+                    node,
+                    applied: Some(d.applied),
+                    digest: Some(hex(&d.digest)),
+                    error: String::new(),
+                },
+                Ok(Reply::StateDigest(Err(e))) => NodeDigest {
+                    node,
+                    applied: None,
+                    digest: None,
+                    error: e,
+                },
+                Ok(other) => NodeDigest {
+                    node,
+                    applied: None,
+                    digest: None,
+                    error: format!("unexpected reply {other:?}"),
+                },
+                Err(e) => NodeDigest {
+                    node,
+                    applied: None,
+                    digest: None,
+                    error: format!("{e:#}"),
+                },
+            }
+        });
+        let got: Vec<NodeDigest> = futures::future::join_all(calls).await;
+        let indexes: std::collections::BTreeSet<_> = got.iter().map(|d| d.applied).collect();
+        if indexes.len() == 1 && !indexes.contains(&None) {
+            let hashes: std::collections::BTreeSet<_> = got.iter().map(|d| &d.digest).collect();
+            if hashes.len() == 1 {
+                return got;
+            }
+            mismatches += 1;
+            if mismatches >= 5 {
+                return got;
+            }
+        }
+        if Instant::now() > deadline {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn paths(client: &CtlClient) -> Vec<NodePath> {
+    match client.status().await {
+        Ok(st) => st
+            .nodes
+            .into_iter()
+            .map(|n| NodePath {
+                node: n.id,
+                alive: n.alive,
+                path: n.path,
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
