@@ -292,7 +292,13 @@ fn state_with_files() -> lockmgr::state::VolumeState {
     use csv_core::op::{Op, Response};
     use lockmgr::types::Command;
     let mut s = lockmgr::state::VolumeState::new();
-    let mut apply = |op: Op| s.apply(&Command { now_ms: 1_000, op });
+    let mut apply = |op: Op| {
+        s.apply(&Command {
+            now_ms: 1_000,
+            op,
+            origin: None,
+        })
+    };
     apply(Op::InitVolume {
         info: VolumeInfo {
             uuid: "00000000-0000-0000-0000-000000000001".into(),

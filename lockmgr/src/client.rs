@@ -181,6 +181,7 @@ impl InProcessCluster {
             s.apply(&Command {
                 now_ms,
                 op: op.clone(),
+                origin: None,
             })
         };
         let _ = self.inner.feed.send(Applied {

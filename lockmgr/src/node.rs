@@ -36,7 +36,7 @@ use crate::rpc::message::{
 use crate::rpc::{self, RpcClient, RpcError};
 use crate::state::VolumeState;
 use crate::store::{self, StateMachineData};
-use crate::types::{Command, Op, Raft, RaftNode, Response};
+use crate::types::{Command, Op, Origin, Raft, RaftNode, Response};
 
 impl StateMachineData for VolumeState {
     fn apply(&mut self, cmd: &Command) -> Response {
@@ -186,6 +186,55 @@ pub enum SessionState {
     Lost { previous: SessionId },
 }
 
+/// Serials of this process's writes, for exactly-once retries.
+struct Serials {
+    incarnation: u64,
+    next: std::sync::atomic::AtomicU64,
+    in_flight: std::sync::Mutex<BTreeSet<u64>>,
+}
+
+impl Serials {
+    fn new() -> Self {
+        Serials {
+            incarnation: rand::random(),
+            next: std::sync::atomic::AtomicU64::new(1),
+            in_flight: std::sync::Mutex::new(BTreeSet::new()),
+        }
+    }
+
+    fn begin(&self) -> u64 {
+        let s = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(s);
+        s
+    }
+
+    fn end(&self, serial: u64) {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&serial);
+    }
+
+    fn origin(&self, node: NodeId, serial: u64) -> Origin {
+        let answered_below = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .first()
+            .copied()
+            .unwrap_or(serial);
+        Origin {
+            node,
+            incarnation: self.incarnation,
+            serial,
+            answered_below,
+        }
+    }
+}
+
 /// A running metadata node.
 pub struct MetaNode {
     cfg: MetaConfig,
@@ -205,6 +254,7 @@ pub struct MetaNode {
     tasks: Mutex<Vec<JoinHandle<()>>>,
     local_addr: SocketAddr,
     ext: RwLock<HashMap<u8, ExtHandler>>,
+    serials: Serials,
 }
 
 /// A service registered on the node's RPC server (see [`MetaNode::register_service`]).
@@ -227,6 +277,10 @@ impl std::fmt::Debug for MetaNode {
 }
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+/// A forwarded write or ReadIndex unanswered this long is retried (safe: writes are
+/// exactly-once, reads idempotent); about one election timeout, so a paused leader
+/// costs little more than the election.
+const FORWARD_TIMEOUT: Duration = Duration::from_millis(1000);
 const WRITE_DEADLINE: Duration = Duration::from_secs(15);
 /// How long a stopping node tries to close its session and hand over its voter seat.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -290,6 +344,7 @@ impl MetaNode {
             tasks: Mutex::new(Vec::new()),
             local_addr,
             ext: RwLock::new(HashMap::new()),
+            serials: Serials::new(),
         });
         let handler: rpc::Handler = {
             let weak = Arc::downgrade(&node);
@@ -390,7 +445,7 @@ impl MetaNode {
             let res = match leader {
                 Some(l) if l == self.cfg.node_id => self.local_read_index().await,
                 Some(l) => match self.peer_for(l).await {
-                    Some(c) => match c.call(Request::ReadIndex, CALL_TIMEOUT).await {
+                    Some(c) => match c.call(Request::ReadIndex, FORWARD_TIMEOUT).await {
                         Ok(Reply::ReadIndex(r)) => r,
                         Ok(_) => Err(LeaderError::Unavailable("unexpected reply".into())),
                         Err(e) => Err(LeaderError::Unavailable(e.to_string())),
@@ -433,27 +488,38 @@ impl MetaNode {
     /// Proposes `op` through the leader and returns its response.
     /// `Response::Err` comes back as `Ok(Response::Err(..))`; use [`Self::write_ok`]
     /// to turn it into an error.
+    ///
+    /// The write carries an [`Origin`] (this process, a serial), so it is retried —
+    /// on the same or a new leader — whenever its outcome is unknown (timeout, lost
+    /// connection, leader change), and the state machine applies it at most once.
     pub async fn write(&self, op: Op) -> Result<Response, NodeError> {
+        let serial = self.serials.begin();
+        let result = self.write_serial(op, serial).await;
+        self.serials.end(serial);
+        result
+    }
+
+    async fn write_serial(&self, op: Op, serial: u64) -> Result<Response, NodeError> {
         let deadline = Instant::now() + WRITE_DEADLINE;
         loop {
+            let origin = self.serials.origin(self.cfg.node_id, serial);
             let leader = self.current_leader();
             let res = match leader {
-                Some(l) if l == self.cfg.node_id => self.propose(op.clone()).await,
+                Some(l) if l == self.cfg.node_id => self.propose(op.clone(), Some(origin)).await,
                 Some(l) => match self.peer_for(l).await {
-                    Some(c) => match c.call(Request::Write(op.clone()), CALL_TIMEOUT).await {
-                        Ok(Reply::Write(r)) => r,
-                        Ok(other) => {
-                            return Err(NodeError::Indeterminate(format!(
+                    Some(c) => {
+                        let req = Request::Write {
+                            op: op.clone(),
+                            origin: Some(origin),
+                        };
+                        match c.call(req, FORWARD_TIMEOUT).await {
+                            Ok(Reply::Write(r)) => r,
+                            Ok(other) => Err(LeaderError::Unavailable(format!(
                                 "unexpected reply {other:?}"
-                            )));
+                            ))),
+                            Err(e) => Err(LeaderError::Unavailable(e.to_string())),
                         }
-                        // Never sent: safe to retry.
-                        Err(RpcError::Connect { .. }) => Err(LeaderError::NotLeader {
-                            leader: None,
-                            leader_addr: None,
-                        }),
-                        Err(e) => return Err(NodeError::Indeterminate(e.to_string())),
-                    },
+                    }
                     None => Err(LeaderError::NotLeader {
                         leader: None,
                         leader_addr: None,
@@ -466,7 +532,8 @@ impl MetaNode {
             };
             match res {
                 Ok(r) => return Ok(r),
-                Err(LeaderError::NotLeader { .. }) if Instant::now() < deadline => {
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!(error = %e, serial, "metadata write retried");
                     self.wait_leader_change(leader).await
                 }
                 Err(LeaderError::NotLeader { .. }) => {
@@ -483,10 +550,11 @@ impl MetaNode {
     }
 
     /// Proposes on this node, which believes it is the leader.
-    async fn propose(&self, op: Op) -> Result<Response, LeaderError> {
+    async fn propose(&self, op: Op, origin: Option<Origin>) -> Result<Response, LeaderError> {
         let cmd = Command {
             now_ms: self.cfg.clock.now_ms(),
             op,
+            origin,
         };
         match self.raft.client_write(cmd).await {
             Ok(r) => Ok(r.data),
@@ -720,7 +788,7 @@ impl MetaNode {
             }
             if led_term != Some(m.current_term) {
                 // A new leader waits one TTL before expiring anyone.
-                match self.propose(Op::ExtendSessions).await {
+                match self.propose(Op::ExtendSessions, None).await {
                     Ok(_) => led_term = Some(m.current_term),
                     Err(e) => {
                         tracing::debug!(error = %e, "ExtendSessions not committed");
@@ -728,7 +796,7 @@ impl MetaNode {
                     }
                 }
             }
-            match self.propose(Op::Tick).await {
+            match self.propose(Op::Tick, None).await {
                 Ok(Response::Expired(ids)) if !ids.is_empty() => {
                     tracing::warn!(sessions = ?ids, "expired metadata sessions");
                 }
@@ -833,7 +901,7 @@ impl MetaNode {
             Request::InstallSnapshot(r) => {
                 Reply::InstallSnapshot(self.raft.install_snapshot(r).await)
             }
-            Request::Write(op) => Reply::Write(self.propose(op).await),
+            Request::Write { op, origin } => Reply::Write(self.propose(op, origin).await),
             Request::ReadIndex => Reply::ReadIndex(self.local_read_index().await),
             Request::Join { node, rpc_addr } => Reply::Join(self.handle_join(node, rpc_addr).await),
             Request::Leave { node } => Reply::Leave(

@@ -45,4 +45,19 @@ pub struct Command {
     /// The state machine uses `max(previous now, now_ms)`, so its time never goes back.
     pub now_ms: u64,
     pub op: Op,
+    /// Who submitted it, for exactly-once application of retried writes.
+    pub origin: Option<Origin>,
+}
+
+/// Identifies one logical write of one node process, so a write retried after an
+/// indeterminate outcome (leader paused, connection lost) is applied at most once: the
+/// state machine answers a repeat with the response of the first application.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    pub node: NodeId,
+    /// Random per process start: serials restart with the process.
+    pub incarnation: u64,
+    pub serial: u64,
+    /// Every serial below this one has been answered; the state machine forgets them.
+    pub answered_below: u64,
 }

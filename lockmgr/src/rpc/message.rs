@@ -12,7 +12,7 @@ use openraft::raft::{
 use serde::{Deserialize, Serialize};
 
 use super::RpcError;
-use crate::types::{Op, Response, TypeConfig};
+use crate::types::{Op, Origin, Response, TypeConfig};
 
 pub const MESSAGE_VERSION: u8 = 1;
 
@@ -29,7 +29,10 @@ pub enum Request {
     Vote(VoteRequest<NodeId>),
     InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
     /// A metadata change; only the leader accepts it (it stamps the time).
-    Write(Op),
+    Write {
+        op: Op,
+        origin: Option<Origin>,
+    },
     /// ReadIndex: the leader confirms it is still leader and answers the index a
     /// linearizable read must wait for.
     ReadIndex,

@@ -104,7 +104,13 @@ pub struct VolumeState {
     locks: BTreeMap<String, Lock>,
     last_token: FencingToken,
     nodes: BTreeMap<NodeId, NodeRecord>,
+    /// Responses of recent writes per submitting node process, for exactly-once retries
+    /// (see `types::Origin`): node -> (incarnation, serial -> response).
+    dedup: BTreeMap<NodeId, (u64, BTreeMap<u64, Response>)>,
 }
+
+/// Most remembered responses per node process (a node has far fewer writes in flight).
+const DEDUP_WINDOW: usize = 4096;
 
 type OpResult = Result<Response, MetaError>;
 
@@ -118,10 +124,33 @@ impl VolumeState {
     /// (apart from the clock).
     pub fn apply(&mut self, cmd: &Command) -> Response {
         self.now_ms = self.now_ms.max(cmd.now_ms);
-        match self.apply_op(&cmd.op) {
+        if let Some(o) = &cmd.origin
+            && let Some((inc, seen)) = self.dedup.get(&o.node)
+            && *inc == o.incarnation
+            && let Some(r) = seen.get(&o.serial)
+        {
+            return r.clone();
+        }
+        let response = match self.apply_op(&cmd.op) {
             Ok(r) => r,
             Err(e) => Response::Err(e),
+        };
+        if let Some(o) = &cmd.origin {
+            let entry = self
+                .dedup
+                .entry(o.node)
+                .or_insert_with(|| (o.incarnation, BTreeMap::new()));
+            if entry.0 != o.incarnation {
+                // A new process of that node: the old one's retries can no longer come.
+                *entry = (o.incarnation, BTreeMap::new());
+            }
+            entry.1 = entry.1.split_off(&o.answered_below);
+            entry.1.insert(o.serial, response.clone());
+            while entry.1.len() > DEDUP_WINDOW {
+                entry.1.pop_first();
+            }
         }
+        response
     }
 
     fn apply_op(&mut self, op: &Op) -> OpResult {

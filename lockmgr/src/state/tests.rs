@@ -47,6 +47,7 @@ impl H {
         let r = self.s.apply(&Command {
             now_ms: self.now,
             op: op.clone(),
+            origin: None,
         });
         if let Err(v) = self.s.check_invariants() {
             panic!("invariants broken after {op:?} -> {r:?}: {v:#?}");
@@ -229,7 +230,11 @@ fn init_volume_creates_root_and_pool_once() {
 #[test]
 fn ops_before_init_are_refused_with_no_volume() {
     let mut s = VolumeState::new();
-    let cmd = |op| Command { now_ms: 1, op };
+    let cmd = |op| Command {
+        now_ms: 1,
+        op,
+        origin: None,
+    };
     assert_eq!(
         s.apply(&cmd(create_op(ROOT_INO, "a", FileKind::File))),
         Response::Err(MetaError::NoVolume)
@@ -1309,7 +1314,11 @@ fn scripted_commands() -> Vec<Command> {
     ops.push(Op::Tick);
     (0..ops.len() as u64)
         .zip(ops)
-        .map(|(i, op)| Command { now_ms: 10 * i, op })
+        .map(|(i, op)| Command {
+            now_ms: 10 * i,
+            op,
+            origin: None,
+        })
         .collect()
 }
 
@@ -1344,7 +1353,11 @@ fn big_namespace_and_fragmented_file_stay_fast() {
     let mut now = 0;
     let mut apply = |s: &mut VolumeState, op| {
         now += 1;
-        s.apply(&Command { now_ms: now, op })
+        s.apply(&Command {
+            now_ms: now,
+            op,
+            origin: None,
+        })
     };
     apply(
         &mut s,
@@ -1410,4 +1423,37 @@ fn big_namespace_and_fragmented_file_stay_fast() {
     assert!(commits < std::time::Duration::from_secs(5), "{commits:?}");
     assert!(reads < std::time::Duration::from_secs(5), "{reads:?}");
     s.check_invariants().unwrap();
+}
+
+#[test]
+fn a_retried_write_with_the_same_origin_is_applied_once() {
+    use crate::types::Origin;
+    let mut h = H::new();
+    let o = |serial, incarnation, answered_below| {
+        Some(Origin {
+            node: 7,
+            incarnation,
+            serial,
+            answered_below,
+        })
+    };
+    let mut apply = |origin| {
+        h.s.apply(&Command {
+            now_ms: 5_000,
+            op: create_op(ROOT_INO, "once", FileKind::File),
+            origin,
+        })
+    };
+    let first = apply(o(1, 42, 1));
+    assert!(matches!(first, Response::Attr(_)), "{first:?}");
+    // The retry (same process, same serial) gets the first answer, not EEXIST.
+    assert_eq!(apply(o(1, 42, 1)), first);
+    // Another serial really runs again.
+    assert_eq!(apply(o(2, 42, 1)), Response::Err(MetaError::Exists));
+    // Once serial 1 is answered, it is forgotten: a (buggy) replay is applied anew.
+    assert_eq!(apply(o(3, 42, 3)), Response::Err(MetaError::Exists));
+    assert_eq!(apply(o(1, 42, 3)), Response::Err(MetaError::Exists));
+    // A new process of the node starts a new window.
+    assert_eq!(apply(o(2, 43, 2)), Response::Err(MetaError::Exists));
+    h.s.check_invariants().unwrap();
 }

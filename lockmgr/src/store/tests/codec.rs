@@ -73,8 +73,11 @@ fn arb_membership() -> impl Strategy<Value = Membership<u64, RaftNode>> {
 fn arb_entry() -> impl Strategy<Value = Entry<TypeConfig>> {
     let payload = prop_oneof![
         Just(EntryPayload::Blank),
-        (any::<u64>(), arb_op())
-            .prop_map(|(now_ms, op)| EntryPayload::Normal(Command { now_ms, op })),
+        (any::<u64>(), arb_op()).prop_map(|(now_ms, op)| EntryPayload::Normal(Command {
+            now_ms,
+            op,
+            origin: None
+        })),
         arb_membership().prop_map(EntryPayload::Membership),
     ];
     (arb_log_id(), payload).prop_map(|(log_id, payload)| Entry { log_id, payload })

@@ -49,6 +49,7 @@ pub fn cmd(n: u64) -> Command {
     Command {
         now_ms: n,
         op: Op::Tick,
+        origin: None,
     }
 }
 
