@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod config;
 pub mod ctl;
 pub mod daemon;
+pub mod exports;
 pub mod format;
 
 /// Sets up logging to stderr with `filter` (overridden by `RUST_LOG`).
