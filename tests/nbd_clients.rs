@@ -328,3 +328,43 @@ async fn a_qemu_vhd_written_through_node1s_decoded_export_reads_back_identically
     assert!(map.contains("\"data\": false"), "{map}");
     common::fsck(&c).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_acknowledged_with_fua_or_flush_survive_a_crash_of_the_serving_node() {
+    let mut c = TestCluster::up(3).await;
+    let (leader, follower, _) = c.leader_and_followers().await;
+    sized_file(&mnt(&c, leader).join("d.img"), 8 << 20);
+    // Through the follower's export: a FUA write into a hole (new allocation, so Raft is in
+    // the path), a plain write then FLUSH, and a last write with neither.
+    let script = r#"
+import sys, nbd
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+h.pwrite(b"\x11" * 65536, 1 << 20, nbd.CMD_FLAG_FUA)
+h.pwrite(b"\x22" * 65536, 3 << 20)
+h.flush()
+h.pwrite(b"\x33" * 4096, 5 << 20)
+print("OK")
+"#;
+    let out = run(
+        "/usr/bin/python3",
+        &["-c", script, &uri(&c, follower, "d.img")],
+    );
+    assert!(out.contains("OK"), "{out}");
+    // Crash: no disconnect, no flush, no release of locks.
+    c.kill9(follower);
+    // The leader's export reads what was acknowledged durable (once the dead node's lock
+    // expires with its session).
+    let check = r#"
+import sys, nbd
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+assert h.pread(65536, 1 << 20) == b"\x11" * 65536, "FUA write lost"
+assert h.pread(65536, 3 << 20) == b"\x22" * 65536, "flushed write lost"
+print("OK")
+"#;
+    let out = run(
+        "/usr/bin/python3",
+        &["-c", check, &uri(&c, leader, "d.img")],
+    );
+    assert!(out.contains("OK"), "{out}");
+    common::fsck(&c).await;
+}
