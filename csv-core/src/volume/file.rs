@@ -572,6 +572,18 @@ impl Shared {
             (end, c.map.runs(offset / bs, end.div_ceil(bs)))
         };
         let end = size;
+        // One written extent covers the whole read (the common case): no staging copy.
+        if let [run] = runs.as_slice()
+            && let RunKind::Mapped {
+                lun_block,
+                state: ExtentState::Written,
+            } = run.kind
+            && run.file_block * bs <= offset
+            && (run.file_block + run.len) * bs >= end
+        {
+            let lun_off = lun_block * bs + (offset - run.file_block * bs);
+            return self.lun_read(lun_off, (end - offset) as usize).await;
+        }
         let mut buf = BytesMut::zeroed((end - offset) as usize);
         for run in runs {
             let RunKind::Mapped {
