@@ -25,6 +25,13 @@ trap cleanup EXIT
 free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 100); do nbdinfo --size "nbd://127.0.0.1:$1/$2" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "server on $1 did not start" >&2; exit 1; }
 
+parse='
+import json, sys
+raw = sys.stdin.read()
+j = json.loads(raw[raw.index("{"):])["jobs"][0]
+d = j["write"] if j["write"]["io_bytes"] else j["read"]
+print("%.0f" % (d["bw"] / 1024) if sys.argv[1].startswith("seq") else "%.1f" % (d["iops"] / 1000))'
+
 # fio URI PATTERN -> "value" (MiB/s for sequential, kIOPS for random)
 point() {
   local uri=$1 pat=$2 rw bs qd
@@ -34,11 +41,7 @@ point() {
   esac
   fio --name=b --ioengine=nbd --uri="$uri" --rw=$rw --bs=$bs --iodepth=$qd --size="$size" \
       --time_based --runtime="$runtime" --ramp_time=1 --output-format=json 2>/dev/null |
-    /usr/bin/python3 -c '
-import json, sys
-j = json.load(sys.stdin)["jobs"][0]
-d = j["write"] if j["write"]["io_bytes"] else j["read"]
-print(f"{d[\"bw\"] / 1024:.0f}" if sys.argv[1].startswith("seq") else f"{d[\"iops\"] / 1000:.1f}")' "$pat"
+    /usr/bin/python3 -c "$parse" "$pat"
 }
 
 patterns="seqwrite seqread randwrite randread"
