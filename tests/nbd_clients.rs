@@ -178,6 +178,7 @@ async fn qemu_nbd_tools_and_fio_work_against_volume_exports_on_any_node() {
             "--iodepth=16",
             "--verify=crc32c",
             "--do_verify=1",
+            "--verify_state_save=0",
             "--verify_fatal=1",
         ],
     );

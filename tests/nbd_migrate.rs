@@ -113,6 +113,7 @@ fn fio(uri: &str, args: &[&str]) -> String {
             "--verify=crc32c",
             "--verify_fatal=1",
             "--randseed=42",
+            "--verify_state_save=0",
         ]
         .iter()
         .map(|s| s.to_string()),
