@@ -49,6 +49,11 @@ impl CtlClient {
         }
     }
 
+    /// The ids of the nodes this client talks to.
+    pub fn node_ids(&self) -> Vec<u64> {
+        self.nodes.iter().map(|(id, _)| *id).collect()
+    }
+
     /// Asks every node for its status, concurrently; `None` for nodes that did not answer.
     pub async fn statuses(&self, timeout: Duration) -> Vec<(u64, Option<NodeStatus>)> {
         let calls = self.nodes.iter().map(|(id, c)| async move {

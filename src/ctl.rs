@@ -79,6 +79,19 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// NBD exports: the volume's files, their clients and write owners.
+    #[command(subcommand)]
+    Export(ExportCmd),
+    /// Move an export's write ownership to node K (the live-migration handoff); returns
+    /// once node K holds it and prints the handoff time.
+    Migrate {
+        /// The export: a path relative to the volume root, e.g. vms/a.vhd.
+        export: String,
+        #[arg(long)]
+        to: u64,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -123,6 +136,12 @@ pub enum ChaosCmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+pub enum ExportCmd {
+    /// Every export, its clients per node, and which node holds its write lock.
+    List(JsonFlag),
 }
 
 #[derive(Subcommand)]
@@ -408,6 +427,32 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             offline,
             json,
         } => fsck(&cli, store, offline, json).await,
+        Cmd::Export(ExportCmd::List(JsonFlag { json })) => {
+            let c = client(&cli)?;
+            let rows = crate::exports::list(&c, &c.node_ids()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                crate::exports::print_table(&rows);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Migrate {
+            ref export,
+            to,
+            json,
+        } => {
+            let m = crate::exports::migrate(&client(&cli)?, export, to).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&m)?);
+            } else {
+                println!(
+                    "{} now written through node {} (handoff {:.1} ms, total {:.1} ms, fencing token {})",
+                    m.export, m.to, m.handoff_ms, m.total_ms, m.token
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Cluster(ClusterCmd::Down { ref dir }) => {
             cluster::down(dir, &mut Children::default()).await?;
             println!(

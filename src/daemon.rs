@@ -9,9 +9,10 @@
 //!    means the wrong LUN is attached: refuse and leave), or record it if the cluster
 //!    has none yet;
 //! 4. open the volume layer over the node's metadata client and the LUN, and mount it
-//!    through FUSE at the configured mountpoint (a stale mount there is removed first).
+//!    through FUSE at the configured mountpoint (a stale mount there is removed first);
+//! 5. serve the volume's files over NBD at `[listen] nbd` (`exports.rs`).
 //!
-//! Stopping reverses it: unmount (no new requests), write back and release the
+//! Stopping reverses it: stop the NBD server (clients get a grace period), unmount (no new requests), write back and release the
 //! volume's locks and reservation, then close the session and leave.
 
 use std::sync::Arc;
@@ -91,8 +92,17 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         }
     };
 
+    let nbd = match crate::exports::start(&node, &volume, cfg.listen.nbd).await {
+        Ok(s) => s,
+        Err(e) => {
+            node.shutdown().await;
+            return Err(e);
+        }
+    };
+
     wait_for_stop(&node).await;
     tracing::info!("stopping: unmounting, releasing locks and leaving");
+    nbd.shutdown().await;
     if let Some(m) = mount {
         match tokio::task::spawn_blocking(move || m.unmount()).await {
             Ok(Ok(())) => {}

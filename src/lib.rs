@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod config;
 pub mod ctl;
 pub mod daemon;
+pub mod exports;
 pub mod format;
 pub mod fsck;
 

@@ -14,6 +14,7 @@ pub fn errno(e: &VolumeError) -> Errno {
         VolumeError::Fenced => Errno::EIO,
         VolumeError::LockTimeout(_) => Errno::EIO,
         VolumeError::WriteBack(_) => Errno::EIO,
+        VolumeError::WriteRevoked(_) => Errno::EPERM,
         VolumeError::WouldBlock => Errno::EAGAIN,
         VolumeError::Stale(_) => Errno::from_i32(libc::ESTALE),
         VolumeError::Invalid(_) => Errno::EINVAL,

@@ -522,3 +522,51 @@ mod model {
         }
     }
 }
+
+#[tokio::test]
+async fn a_revoked_handle_never_takes_the_data_lock_back_and_surrender_hands_over_its_writes() {
+    let (c, lun) = cluster(2048);
+    let (a, _) = node(&c, 1, &lun).await;
+    let (b, _) = node(&c, 2, &lun).await;
+    let ino = mkfile(&a, "vm.img").await;
+    let (fa, _) = a.open_file(ino, true).await.unwrap();
+    let (fb, _) = b.open_file(ino, true).await.unwrap();
+    let token_a = fa.lock_for_write().await.unwrap();
+    assert_eq!(fa.write_token(), Some(token_a));
+    fa.write(0, Bytes::from(vec![7u8; 3 * BS as usize]))
+        .await
+        .unwrap();
+    // The handoff: revoke, then commit + flush + release in one step.
+    fa.revoke_writes();
+    let refused = fa.write(0, Bytes::from_static(b"late")).await;
+    assert!(matches!(refused, Err(VolumeError::WriteRevoked(i)) if i == ino));
+    fa.surrender().await.unwrap();
+    assert_eq!(fa.write_token(), None);
+    // The new owner sees every write of the old one and gets a newer token.
+    let token_b = fb.lock_for_write().await.unwrap();
+    assert!(token_b > token_a);
+    assert_eq!(
+        &fb.read(0, 3 * BS as usize).await.unwrap()[..],
+        &vec![7u8; 3 * BS as usize][..]
+    );
+    // The revoked handle still reads, but never writes or re-acquires, in any form.
+    assert!(matches!(
+        fa.write(BS, Bytes::from_static(b"x")).await,
+        Err(VolumeError::WriteRevoked(_))
+    ));
+    assert!(matches!(
+        fa.set_len(0).await,
+        Err(VolumeError::WriteRevoked(_))
+    ));
+    assert!(matches!(
+        fa.fallocate(0, BS, FallocMode::PunchHole).await,
+        Err(VolumeError::WriteRevoked(_))
+    ));
+    assert!(matches!(
+        fa.lock_for_write().await,
+        Err(VolumeError::WriteRevoked(_))
+    ));
+    assert_eq!(fb.write_token(), Some(token_b), "B kept its grant");
+    assert_eq!(fa.read(0, 4).await.unwrap(), Bytes::from_static(&[7u8; 4]));
+    fsck(&c);
+}

@@ -1,6 +1,6 @@
 //! nbd-backend: csvd's NBD server and VHD decoding.
 //!
-//! It knows nothing of Raft or the cluster: it serves exports through the traits in
+//! It knows nothing of Raft or the network between nodes: it serves exports through the traits in
 //! [`export`] ([`ExportProvider`] resolves names, [`BlockDevice`] serves one export,
 //! [`BackingFile`] is the file underneath), which the node daemon implements over the shared
 //! volume. Code map:
@@ -8,7 +8,9 @@
 //! * [`server`]: the tokio server (handshake, pipelined transmission, shutdown);
 //! * [`connection`]: per-connection handles for the daemon (write revocation, draining);
 //! * [`vhd`]: fixed and dynamic VHD decoding;
-//! * [`dir`]: an [`ExportProvider`] over a local directory (tests and the example server).
+//! * [`dir`]: an [`ExportProvider`] over a local directory (tests and the example server);
+//! * [`volume`]: the exports over the cluster volume (csv-core), with write ownership and the
+//!   live-migration handoff between nodes.
 
 pub mod connection;
 pub mod dir;
@@ -16,6 +18,7 @@ pub mod export;
 pub mod proto;
 pub mod server;
 pub mod vhd;
+pub mod volume;
 
 pub use connection::{ConnectionEvents, ConnectionHandle, ConnectionId};
 pub use export::{

@@ -235,7 +235,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// `Display` of an error and all its sources, joined by ": ".
-fn chain(e: &dyn StdError) -> String {
+pub(crate) fn chain(e: &dyn StdError) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(cause) = src {

@@ -11,7 +11,7 @@
 //! extents go straight to the LUN in parallel. `core` (a plain mutex) is only held for
 //! short, await-free sections.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -130,11 +130,21 @@ impl FileState {
 
 /// An open regular file on this node. Dropping it without [`OpenFile::release`] still
 /// ends its use of the file (write-back then happens in the background).
+///
+/// **Write revocation** (for the NBD live-migration handoff): a handle normally takes the
+/// file's exclusive data lock again on its next write after another node broke it (the
+/// coherent "ping-pong" FUSE relies on). After [`OpenFile::revoke_writes`], this handle
+/// never does: its writes, `fallocate` and `set_len` fail with
+/// [`VolumeError::WriteRevoked`] without touching the lock, while reads and `fsync` keep
+/// working. The check sits inside the lock-acquisition loop, under the `io` guard, so a
+/// write already waiting when the handle is revoked cannot re-acquire the lock either.
+/// [`OpenFile::surrender`] then commits and gives the lock up on the spot.
 pub struct OpenFile {
     shared: Arc<Shared>,
     fs: Arc<FileState>,
     writable: bool,
     released: bool,
+    revoked: AtomicBool,
 }
 
 impl std::fmt::Debug for OpenFile {
@@ -162,7 +172,79 @@ impl OpenFile {
             fs,
             writable,
             released: false,
+            revoked: AtomicBool::new(false),
         }
+    }
+
+    fn check_writable(&self) -> VolumeResult<()> {
+        if !self.writable {
+            return Err(VolumeError::Invalid("file not open for writing".into()));
+        }
+        if self.writes_revoked() {
+            return Err(VolumeError::WriteRevoked(self.fs.ino));
+        }
+        Ok(())
+    }
+
+    /// From now on, writes through this handle fail with [`VolumeError::WriteRevoked`]
+    /// and never take the data lock again (see the type docs). Irreversible.
+    pub fn revoke_writes(&self) {
+        self.revoked.store(true, Ordering::SeqCst);
+    }
+
+    pub fn writes_revoked(&self) -> bool {
+        self.revoked.load(Ordering::SeqCst)
+    }
+
+    /// Takes the file's exclusive data lock now (if this node does not hold it yet,
+    /// asking the holder to break it) and returns its fencing token.
+    pub async fn lock_for_write(&self) -> VolumeResult<FencingToken> {
+        self.check_writable()?;
+        let _g = self
+            .shared
+            .io_guard(&self.fs, LockMode::Exclusive, Some(&self.revoked))
+            .await?;
+        lock(&self.fs.core)
+            .lock
+            .map(|h| h.token)
+            .ok_or(VolumeError::WriteRevoked(self.fs.ino))
+    }
+
+    /// The fencing token of this node's exclusive data lock on the file, if it holds one.
+    pub fn write_token(&self) -> Option<FencingToken> {
+        let c = lock(&self.fs.core);
+        c.lock
+            .filter(|h| {
+                h.mode == LockMode::Exclusive && Some(h.session) == self.shared.meta.session()
+            })
+            .map(|h| h.token)
+    }
+
+    /// Commits every pending write of the file on this node, flushes the LUN and releases
+    /// this node's data lock now, after the I/O in flight finished. Other handles on this
+    /// node take the lock again on demand (a revoked one never does). The error, if any,
+    /// is the write-back's: data written since the last fsync may be lost.
+    pub async fn surrender(&self) -> VolumeResult<()> {
+        let _w = self.fs.io.clone().write_owned().await;
+        let res = self.shared.commit(&self.fs).await;
+        self.shared.break_locked(&self.fs).await;
+        let error = std::mem::take(&mut lock(&self.fs.core).error);
+        res?;
+        if error {
+            return Err(VolumeError::WriteBack(self.fs.ino));
+        }
+        Ok(())
+    }
+
+    /// Truncates or extends (with zeros) the file to `size` bytes.
+    pub async fn set_len(&self, size: u64) -> VolumeResult<Attr> {
+        self.check_writable()?;
+        if size > MAX_FILE_SIZE {
+            return Err(VolumeError::Meta(MetaError::FileTooBig));
+        }
+        self.shared
+            .truncate_ref(&self.fs, size, Some(&self.revoked))
+            .await
     }
 
     pub fn ino(&self) -> Ino {
@@ -171,15 +253,16 @@ impl OpenFile {
 
     /// Reads up to `len` bytes at `offset` (short at end of file).
     pub async fn read(&self, offset: u64, len: usize) -> VolumeResult<Bytes> {
-        let _g = self.shared.io_guard(&self.fs, LockMode::Shared).await?;
+        let _g = self
+            .shared
+            .io_guard(&self.fs, LockMode::Shared, None)
+            .await?;
         self.shared.read_locked(&self.fs, offset, len).await
     }
 
     /// Writes all of `data` at `offset`; returns the byte count.
     pub async fn write(&self, offset: u64, data: Bytes) -> VolumeResult<usize> {
-        if !self.writable {
-            return Err(VolumeError::Invalid("file not open for writing".into()));
-        }
+        self.check_writable()?;
         let end = offset
             .checked_add(data.len() as u64)
             .filter(|e| *e <= MAX_FILE_SIZE)
@@ -187,7 +270,10 @@ impl OpenFile {
         if data.is_empty() {
             return Ok(0);
         }
-        let _g = self.shared.io_guard(&self.fs, LockMode::Exclusive).await?;
+        let _g = self
+            .shared
+            .io_guard(&self.fs, LockMode::Exclusive, Some(&self.revoked))
+            .await?;
         self.shared.write_locked(&self.fs, offset, end, data).await
     }
 
@@ -198,10 +284,10 @@ impl OpenFile {
 
     /// `fallocate(2)` over `[offset, offset + len)`.
     pub async fn fallocate(&self, offset: u64, len: u64, mode: FallocMode) -> VolumeResult<Attr> {
-        if !self.writable {
-            return Err(VolumeError::Invalid("file not open for writing".into()));
-        }
-        self.shared.fallocate(&self.fs, offset, len, mode).await
+        self.check_writable()?;
+        self.shared
+            .fallocate(&self.fs, offset, len, mode, Some(&self.revoked))
+            .await
     }
 
     /// `lseek(SEEK_DATA)`: the first data byte at or after `offset`; `None` = ENXIO.
@@ -216,7 +302,10 @@ impl OpenFile {
     }
 
     async fn seek(&self, offset: u64, data: bool) -> VolumeResult<Option<u64>> {
-        let _g = self.shared.io_guard(&self.fs, LockMode::Shared).await?;
+        let _g = self
+            .shared
+            .io_guard(&self.fs, LockMode::Shared, None)
+            .await?;
         let bs = self.shared.bs;
         let c = lock(&self.fs.core);
         if offset >= c.size {
@@ -243,11 +332,13 @@ impl OpenFile {
 
 impl Shared {
     /// Waits until this node holds the file's data lock in (at least) `mode` and returns
-    /// a shared `io` guard under which the lock cannot change.
+    /// a shared `io` guard under which the lock cannot change. With `revoked` set, fails
+    /// instead of (re-)acquiring the lock.
     async fn io_guard(
         &self,
         fs: &Arc<FileState>,
         mode: LockMode,
+        revoked: Option<&AtomicBool>,
     ) -> VolumeResult<OwnedRwLockReadGuard<()>> {
         loop {
             let g = fs.io.clone().read_owned().await;
@@ -256,6 +347,7 @@ impl Shared {
             }
             drop(g);
             let _w = fs.io.clone().write_owned().await;
+            check_revoked(fs, revoked)?;
             self.ensure_lock_locked(fs, mode).await?;
         }
     }
@@ -469,12 +561,14 @@ impl Shared {
             (end, c.map.runs(offset / bs, end.div_ceil(bs)))
         };
         let end = size;
-        // One written run: hand the LUN's buffer through without another copy.
+        // One written extent covers the whole read (the common case): no staging copy.
         if let [run] = runs.as_slice()
             && let RunKind::Mapped {
                 lun_block,
                 state: ExtentState::Written,
             } = run.kind
+            && run.file_block * bs <= offset
+            && (run.file_block + run.len) * bs >= end
         {
             let lun_off = lun_block * bs + (offset - run.file_block * bs);
             return self.lun_read(lun_off, (end - offset) as usize).await;
@@ -838,8 +932,10 @@ impl Shared {
     async fn exclusive(
         &self,
         fs: &Arc<FileState>,
+        revoked: Option<&AtomicBool>,
     ) -> VolumeResult<tokio::sync::OwnedRwLockWriteGuard<()>> {
         let w = fs.io.clone().write_owned().await;
+        check_revoked(fs, revoked)?;
         self.ensure_lock_locked(fs, LockMode::Exclusive).await?;
         self.commit(fs).await?;
         Ok(w)
@@ -850,13 +946,18 @@ impl Shared {
             return Err(VolumeError::Meta(MetaError::FileTooBig));
         }
         let fs = self.file_ref(ino);
-        let res = self.truncate_ref(&fs, size).await;
+        let res = self.truncate_ref(&fs, size, None).await;
         self.file_unref(&fs);
         res
     }
 
-    async fn truncate_ref(&self, fs: &Arc<FileState>, size: u64) -> VolumeResult<Attr> {
-        let _w = self.exclusive(fs).await?;
+    async fn truncate_ref(
+        &self,
+        fs: &Arc<FileState>,
+        size: u64,
+        revoked: Option<&AtomicBool>,
+    ) -> VolumeResult<Attr> {
+        let _w = self.exclusive(fs, revoked).await?;
         let bs = self.bs;
         let old = lock(&fs.core).size;
         let mut zeroed = false;
@@ -944,6 +1045,7 @@ impl Shared {
         offset: u64,
         len: u64,
         mode: FallocMode,
+        revoked: Option<&AtomicBool>,
     ) -> VolumeResult<Attr> {
         let end = offset
             .checked_add(len)
@@ -952,7 +1054,7 @@ impl Shared {
         if len == 0 {
             return Err(VolumeError::Invalid("fallocate of 0 bytes".into()));
         }
-        let _w = self.exclusive(fs).await?;
+        let _w = self.exclusive(fs, revoked).await?;
         let bs = self.bs;
         if matches!(mode, FallocMode::PunchHole | FallocMode::ZeroRange { .. }) {
             let (inner0, inner1) = (offset.div_ceil(bs), end / bs);
@@ -1017,6 +1119,15 @@ impl Shared {
         c.attr = Some(attr.clone());
         Ok(attr)
     }
+}
+
+/// Fails with `WriteRevoked` when the handle's writes were revoked (checked right before
+/// the lock would be taken).
+fn check_revoked(fs: &FileState, revoked: Option<&AtomicBool>) -> VolumeResult<()> {
+    if revoked.is_some_and(|r| r.load(Ordering::SeqCst)) {
+        return Err(VolumeError::WriteRevoked(fs.ino));
+    }
+    Ok(())
 }
 
 /// Whole blocks `[b0, b1)` (bytes) with `data` at `d0` and zeros elsewhere.

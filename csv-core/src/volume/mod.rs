@@ -96,6 +96,8 @@ pub enum VolumeError {
     LockTimeout(String),
     #[error("writing back data of inode {0} failed; data written since the last fsync may be lost")]
     WriteBack(Ino),
+    #[error("writes to inode {0} through this handle were revoked (ownership handed over)")]
+    WriteRevoked(Ino),
     #[error("an advisory lock conflicts")]
     WouldBlock,
     #[error("inode {0} was removed")]
