@@ -47,7 +47,7 @@ impl Default for MountOptions {
         MountOptions {
             entry_ttl: Duration::from_millis(500),
             attr_ttl: Duration::from_millis(500),
-            threads: 16,
+            threads: 32,
         }
     }
 }
