@@ -2,7 +2,10 @@
 //!
 //! Each callback decodes the request, spawns a task on the tokio runtime that calls the
 //! volume, and replies from there, so requests are served concurrently (a slow read
-//! holds up nothing else). Errors become errnos in one place ([`errno::errno`]).
+//! holds up nothing else). Reads and writes first run on the request thread itself until
+//! they would wait (LUN I/O inline, like a passthrough file system), and only then move
+//! to a task; `threads` request threads bound how many run inline at once. Errors
+//! become errnos in one place ([`errno::errno`]).
 //!
 //! Cache policy (coherence across nodes):
 //! - file data: every open file is `FOPEN_DIRECT_IO` (with parallel direct writes), so
@@ -34,7 +37,8 @@ pub struct MountOptions {
     pub entry_ttl: Duration,
     /// How long the kernel may cache attributes.
     pub attr_ttl: Duration,
-    /// FUSE request reader threads (the work itself runs on the tokio runtime).
+    /// FUSE request threads. Reads and writes do their LUN I/O on these threads (other
+    /// work runs on the tokio runtime), so this bounds the I/O queue depth served inline.
     pub threads: usize,
 }
 
@@ -43,7 +47,7 @@ impl Default for MountOptions {
         MountOptions {
             entry_ttl: Duration::from_millis(500),
             attr_ttl: Duration::from_millis(500),
-            threads: 2,
+            threads: 32,
         }
     }
 }
