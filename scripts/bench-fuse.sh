@@ -9,8 +9,10 @@
 #   seqread   1 MiB sequential read,  iodepth 4
 #   randwrite 4 KiB random write,     iodepth 32 (overwrites of an allocated file)
 #   randread  4 KiB random read,      iodepth 32
-# The csvd node opens its LUN file with O_DIRECT (lun_direct = true), so no layer sits
-# on the host page cache. Files are laid out once before the runs.
+# Two csvd nodes are measured: "csvd" opens its LUN file buffered (the default
+# `lun_direct = false`; like bindfs, which opens its backing file without O_DIRECT, the
+# host page cache sits under it) and "csvd-direct" with O_DIRECT (nothing cached on the
+# host). Files are laid out once before the runs.
 set -euo pipefail
 
 SIZE=${1:-1G}
@@ -24,20 +26,23 @@ export CSVD_BIN=$ROOT/target/release/csvd
 
 WORK=$(mktemp -d /var/tmp/csvd-bench.XXXXXX)
 CL=$WORK/cluster
+CLD=$WORK/cluster-direct
 cleanup() {
     set +e
     fusermount3 -u -z "$WORK/bindmnt" 2>/dev/null
     "$CSVCTL" cluster down --dir "$CL" >/dev/null 2>&1
+    "$CSVCTL" cluster down --dir "$CLD" >/dev/null 2>&1
     rm -rf "$WORK"
 }
 trap cleanup EXIT
 
 # One node is enough: the FUSE data path is what is measured.
 "$CSVCTL" cluster up --dir "$CL" --nodes 1 --lun-size 8G --detach >/dev/null
-"$CSVCTL" cluster down --dir "$CL" >/dev/null
-sed -i 's/^lun_direct = false$/lun_direct = true/' "$CL/node1/node.toml"
-grep -q '^lun_direct = true$' "$CL/node1/node.toml"
-"$CSVCTL" cluster up --dir "$CL" --nodes 1 --lun-size 8G --detach >/dev/null
+"$CSVCTL" cluster up --dir "$CLD" --nodes 1 --lun-size 8G --detach >/dev/null
+"$CSVCTL" cluster down --dir "$CLD" >/dev/null
+sed -i 's/^lun_direct = false$/lun_direct = true/' "$CLD/node1/node.toml"
+grep -q '^lun_direct = true$' "$CLD/node1/node.toml"
+"$CSVCTL" cluster up --dir "$CLD" --nodes 1 --lun-size 8G --detach >/dev/null
 
 mkdir -p "$WORK/local" "$WORK/bindsrc" "$WORK/bindmnt"
 bindfs "$WORK/bindsrc" "$WORK/bindmnt"
@@ -46,8 +51,9 @@ declare -A FILE=(
     [local]="$WORK/local/bench.dat"
     [bindfs]="$WORK/bindmnt/bench.dat"
     [csvd]="$CL/node1/mnt/bench.dat"
+    [csvd-direct]="$CLD/node1/mnt/bench.dat"
 )
-TARGETS=(local bindfs csvd)
+TARGETS=(local bindfs csvd csvd-direct)
 
 run_fio() { # target pattern rw bs iodepth -> prints "bw_bytes iops"
     local file=$1 rw=$2 bs=$3 qd=$4
@@ -78,8 +84,8 @@ for line in open(sys.argv[1]):
     pat, tgt, bw, iops = line.split()
     rows.setdefault(pat, {})[tgt] = (float(bw), float(iops))
 print(f"fio, {sys.argv[2]} file, {sys.argv[3]} s per run, O_DIRECT libaio")
-print("| pattern | local | bindfs | csvd FUSE | csvd/local | csvd/bindfs |")
-print("|---|---|---|---|---|---|")
+print("| pattern | local | bindfs | csvd | csvd (O_DIRECT LUN) | csvd/local | csvd/bindfs | csvd-direct/local | csvd-direct/bindfs |")
+print("|---|---|---|---|---|---|---|---|---|")
 for pat in ["seqwrite", "seqread", "randwrite", "randread"]:
     r = rows[pat]
     if pat.startswith("seq"):
@@ -88,6 +94,7 @@ for pat in ["seqwrite", "seqread", "randwrite", "randread"]:
     else:
         fmt = lambda v: f"{v[1]/1000:.1f}k IOPS"
         key = 1
-    l, b, c = r["local"], r["bindfs"], r["csvd"]
-    print(f"| {pat} | {fmt(l)} | {fmt(b)} | {fmt(c)} | {c[key]/l[key]*100:.0f}% | {c[key]/b[key]*100:.0f}% |")
+    l, b, c, d = r["local"], r["bindfs"], r["csvd"], r["csvd-direct"]
+    pct = lambda x, y: f"{x[key]/y[key]*100:.0f}%"
+    print(f"| {pat} | {fmt(l)} | {fmt(b)} | {fmt(c)} | {fmt(d)} | {pct(c, l)} | {pct(c, b)} | {pct(d, l)} | {pct(d, b)} |")
 PYEOF
