@@ -9,7 +9,11 @@ pub mod cluster;
 pub mod config;
 pub mod ctl;
 pub mod daemon;
+pub mod fault;
 pub mod format;
+pub mod netns;
+pub mod redirect;
+pub mod workload;
 
 /// Sets up logging to stderr with `filter` (overridden by `RUST_LOG`).
 pub fn init_tracing(filter: &str) {

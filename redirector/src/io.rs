@@ -154,6 +154,9 @@ struct State {
     /// Redirected requests of ours not yet answered, per peer (the policy's load figure).
     inflight: BTreeMap<NodeId, u32>,
     peers: BTreeMap<NodeId, bool>,
+    /// When a direct request last succeeded (the idle health probe skips busy paths).
+    last_direct_ok: Millis,
+    idle_probe_running: bool,
 }
 
 struct Inner {
@@ -232,6 +235,8 @@ impl RedirectingLun {
                 next_op: 1,
                 inflight: BTreeMap::new(),
                 peers: BTreeMap::new(),
+                last_direct_ok: 0,
+                idle_probe_running: false,
             }),
             route_tx: watch::channel(0).0,
             admit_tx: watch::channel(0).0,
@@ -352,6 +357,7 @@ async fn run_timer(weak: Weak<Inner>, kick: Arc<Notify>) {
                 let now = inner.now();
                 let cmds = st.policy.handle(now, Event::Tick);
                 inner.run_commands(cmds);
+                inner.maybe_idle_probe(&mut st, now);
                 st.policy.next_deadline()
             };
             let now = Instant::now();
@@ -444,13 +450,50 @@ impl Inner {
         }
     }
 
+    /// The periodic probe of a path in use that carried no successful I/O for a probe interval,
+    /// so an idle node learns (and shows) that its path is gone.
+    fn maybe_idle_probe(self: &Arc<Self>, st: &mut State, now: Millis) {
+        let interval = self.cfg.policy.probe_interval_ms;
+        if st.policy.mode() != Mode::Direct
+            || st.idle_probe_running
+            || now.saturating_sub(st.last_direct_ok) < interval
+        {
+            return;
+        }
+        st.idle_probe_running = true;
+        st.last_direct_ok = now;
+        let me = self.clone();
+        tokio::spawn(async move {
+            let r = tokio::time::timeout(me.io_timeout(), me.direct.probe()).await;
+            let ok = matches!(r, Ok(Ok(())));
+            let still_direct = {
+                let mut st = me.lock();
+                st.idle_probe_running = false;
+                if ok {
+                    st.last_direct_ok = me.now();
+                }
+                st.policy.mode() == Mode::Direct
+            };
+            if !ok && still_direct {
+                let (why, ev) = match r {
+                    Ok(Err(e)) => (e.to_string(), Event::ProbeFailed),
+                    // No answer: the path hangs (the probe's op id names no request).
+                    _ => ("no answer".into(), Event::IoTimedOut { op: 0 }),
+                };
+                tracing::warn!(node = me.node, error = %why, "SAN path probe failed");
+                me.event(ev);
+            }
+        });
+    }
+
     fn spawn_probe(self: &Arc<Self>) {
         let me = self.clone();
         tokio::spawn(async move {
-            let ok = matches!(
-                tokio::time::timeout(me.io_timeout(), me.direct.probe()).await,
-                Ok(Ok(()))
-            );
+            let r = tokio::time::timeout(me.io_timeout(), me.direct.probe()).await;
+            let ok = matches!(r, Ok(Ok(())));
+            if let Ok(Err(e)) = &r {
+                tracing::debug!(node = me.node, error = %e, "probe failed");
+            }
             me.event(if ok {
                 Event::ProbeOk
             } else {
@@ -492,6 +535,7 @@ impl Inner {
         let mut task = tokio::spawn(exec_direct(self.direct.clone(), io.clone()));
         match tokio::time::timeout(self.io_timeout(), &mut task).await {
             Ok(Ok(Ok(b))) => {
+                self.lock().last_direct_ok = self.now();
                 self.event(Event::IoOk);
                 Outcome::Done(b)
             }

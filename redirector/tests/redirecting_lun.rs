@@ -676,3 +676,28 @@ async fn random_faults_never_lose_or_roll_back_acknowledged_writes() {
         random_faults_run(base.wrapping_add(i)).await;
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_node_learns_from_its_periodic_probe_that_its_path_is_gone_or_hung() {
+    let c = Cluster::new(2, Arc::new(NoFence));
+    c.fault(1).fail_all(OpSet::ALL, FaultError::PathUnreachable);
+    eventually(Duration::from_secs(2), "redirect without I/O", async || {
+        matches!(c.lun(1).mode(), Mode::Redirected { .. })
+    })
+    .await;
+    assert_eq!(
+        c.lun(1).status().borrow().reason.as_deref(),
+        Some("no disk connectivity")
+    );
+    c.fault(2).hang();
+    eventually(Duration::from_secs(2), "hung path noticed", async || {
+        c.lun(2).mode()
+            == Mode::Redirected {
+                peer: 1,
+                reason: Reason::PathHung,
+            }
+            || matches!(c.lun(2).mode(), Mode::Paused { .. })
+    })
+    .await;
+    c.fault(2).release();
+}
