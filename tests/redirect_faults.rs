@@ -19,11 +19,7 @@ use csvd::fault::{self, Fault};
 use csvd::redirect::{DiagReply, DiagRequest, diag};
 use csvd::workload::{Report, Workload};
 
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn fast_redirector() -> RedirectorSection {
     RedirectorSection {
@@ -168,7 +164,7 @@ async fn finish(c: &TestCluster, r: Running, readers: &[u64]) -> Report {
 /// A SAN fault on node 1 during the workload: redirect with no error, stall bounded, the
 /// state visible in `csvctl status`, failback after recovery.
 async fn fault_during_workload(fault: Fault, reason: &str, stall_limit_ms: f64) -> Report {
-    let _one = serial();
+    let _one = SERIAL.lock().await;
     let mut c = cluster(3).await;
     let r = start(&c, workload(4));
     tokio::time::sleep(Duration::from_millis(1_500)).await;
@@ -205,7 +201,7 @@ async fn san_hang_with_late_ghost_writes_loses_nothing_and_nobody_reads_rolled_b
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn san_flaky_at_one_percent_surfaces_no_error() {
-    let _one = serial();
+    let _one = SERIAL.lock().await;
     let mut c = cluster(3).await;
     let r = start(&c, workload(16));
     tokio::time::sleep(Duration::from_millis(1_000)).await;
@@ -219,7 +215,7 @@ async fn san_flaky_at_one_percent_surfaces_no_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn san_slow_by_200ms_surfaces_no_error() {
-    let _one = serial();
+    let _one = SERIAL.lock().await;
     let mut c = cluster(3).await;
     let r = start(&c, workload(16));
     tokio::time::sleep(Duration::from_millis(1_000)).await;
@@ -238,7 +234,7 @@ async fn san_slow_by_200ms_surfaces_no_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_redirect_peer_mid_io_reroutes_and_loses_nothing() {
-    let _one = serial();
+    let _one = SERIAL.lock().await;
     let mut c = cluster(3).await;
     let r = start(&c, workload(8));
     tokio::time::sleep(Duration::from_millis(1_000)).await;
@@ -268,7 +264,7 @@ async fn killing_the_redirect_peer_mid_io_reroutes_and_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_every_san_path_down_io_pauses_fails_with_eio_after_the_bound_and_resumes() {
-    let _one = serial();
+    let _one = SERIAL.lock().await;
     let mut c = cluster(3).await;
     for n in 1..=3 {
         inject(&mut c, n, Fault::SanDown);
