@@ -338,3 +338,94 @@ async fn with_every_san_path_down_io_pauses_fails_with_eio_after_the_bound_and_r
         assert!(matches!(r, DiagReply::Data(ref d) if d.iter().all(|&b| b == i + 10)));
     }
 }
+
+/// A LAN fault: the redirect peer is isolated (its links cut, in a `--netns` cluster) while it
+/// carries node 1's I/O. Requests to it time out with unknown outcome; node 1 re-issues them
+/// through the third node, and once the link heals the stragglers resolve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn isolating_the_redirect_peer_reroutes_through_another_peer() {
+    let _one = SERIAL.lock().await;
+    let mut c = TestCluster::up_with(3, |o| {
+        o.san = SanMode::Nbdkit;
+        o.redirector = fast_redirector();
+        o.netns = true;
+    })
+    .await;
+    let r = start(&c, workload(8));
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    inject(&mut c, 1, Fault::SanDown);
+    let st = wait_path(&c, 1, "redirected", Duration::from_secs(5)).await;
+    let peer = st.nodes.iter().find(|n| n.id == 1).unwrap().peer.unwrap();
+    let other = if peer == 2 { 3 } else { 2 };
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    inject(&mut c, peer, Fault::Isolate);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    inject(&mut c, peer, Fault::Heal);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rep = finish(&c, r, &[1, other]).await;
+    assert!(rep.max_ms <= 2_500.0, "stall {:.0} ms", rep.max_ms);
+}
+
+/// Redirected writes carry the writer's lock key and fencing token; the peer checks them against
+/// its replica of the lock table and refuses a stale one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_refuses_redirected_writes_whose_fencing_token_is_stale() {
+    let _one = SERIAL.lock().await;
+    let mut c = cluster(3).await;
+    inject(&mut c, 1, Fault::SanDown);
+    wait_path(&c, 1, "redirected", Duration::from_secs(5)).await;
+    // Another grant first, so `token - 1` is a real (older) token, not 0 ("unfenced").
+    let older = c.acquire(1, "data:41").await.unwrap();
+    let token = c.acquire(1, "data:42").await.unwrap();
+    assert_eq!(token, older + 1);
+    let client = c.client();
+    let write = |tag: u8, token: u64| DiagRequest::Write {
+        offset: 130 << 20,
+        data: vec![tag; 4096],
+        fua: true,
+        fence: Some(("data:42".into(), token)),
+    };
+    let ok = diag(&client, 1, &write(1, token), Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(matches!(ok, DiagReply::Done), "{ok:?}");
+    let stale = diag(&client, 1, &write(2, token - 1), Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(
+        matches!(&stale, DiagReply::Failed(e) if e.contains("stale")),
+        "{stale:?}"
+    );
+    // The lock moves to node 2: node 1's token is stale from then on.
+    c.call(
+        1,
+        lockmgr::rpc::message::Request::LockRelease {
+            key: "data:42".into(),
+        },
+    )
+    .await;
+    let newer = c.acquire(2, "data:42").await.unwrap();
+    assert!(newer > token);
+    let late = diag(&client, 1, &write(3, token), Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(
+        matches!(&late, DiagReply::Failed(e) if e.contains("stale")),
+        "{late:?}"
+    );
+    let read = diag(
+        &client,
+        3,
+        &DiagRequest::Read {
+            offset: 130 << 20,
+            len: 4096,
+        },
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    assert!(
+        matches!(read, DiagReply::Data(ref d) if d.iter().all(|&b| b == 1)),
+        "{read:?}"
+    );
+}
