@@ -116,6 +116,24 @@ pub enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Redirected against direct block I/O on one node, and the failover stall distribution
+    /// (needs --cluster DIR of a `--san nbdkit` cluster).
+    Redirect {
+        #[arg(long, default_value_t = 1)]
+        node: u64,
+        /// Seconds of each throughput run.
+        #[arg(long, default_value_t = 5)]
+        secs: u64,
+        /// Fault injections for the stall distribution.
+        #[arg(long, default_value_t = 20)]
+        injections: usize,
+        #[arg(long, default_value_t = 65536)]
+        block_size: usize,
+        #[arg(long, default_value_t = 16)]
+        workers: usize,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -172,6 +190,12 @@ pub enum ClusterCmd {
         /// Run every node in its own network namespace (needs root; enables isolate/heal).
         #[arg(long)]
         netns: bool,
+        /// The nodes' redirector I/O timeout (`[redirector] io_timeout_ms`).
+        #[arg(long, default_value_t = 1_000)]
+        io_timeout_ms: u64,
+        /// The nodes' failback healthy time (`[redirector] failback_healthy_ms`).
+        #[arg(long, default_value_t = 10_000)]
+        failback_ms: u64,
     },
     /// Stop a local cluster; nothing stays mounted or running. Data is kept.
     Down {
@@ -347,9 +371,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             detach,
             session_ttl_ms,
             netns,
+            io_timeout_ms,
+            failback_ms,
         }) => {
             let mut opts = UpOptions::new(dir.clone(), nodes);
             opts.netns = netns;
+            opts.redirector.io_timeout_ms = io_timeout_ms;
+            opts.redirector.failback_healthy_ms = failback_ms;
             opts.lun_size = cluster::parse_size(lun_size)?;
             opts.san = san;
             opts.session.ttl_ms = session_ttl_ms;
@@ -449,6 +477,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 DiagReply::Done => println!("node {node}: ok"),
                 other => bail!("unexpected answer {other:?}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench(BenchCmd::Redirect {
+            node,
+            secs,
+            injections,
+            block_size,
+            workers,
+            json,
+        }) => {
+            let dir = cli
+                .cluster
+                .as_ref()
+                .context("bench needs --cluster DIR (or CSV_CLUSTER)")?;
+            let b = crate::redirect_bench::run(dir, node, secs, injections, block_size, workers)
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&b)?);
+            } else {
+                print!("{}", crate::redirect_bench::table(&b));
             }
             Ok(ExitCode::SUCCESS)
         }

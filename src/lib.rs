@@ -13,6 +13,7 @@ pub mod fault;
 pub mod format;
 pub mod netns;
 pub mod redirect;
+pub mod redirect_bench;
 pub mod workload;
 
 /// Sets up logging to stderr with `filter` (overridden by `RUST_LOG`).
