@@ -15,8 +15,8 @@ export CSVD_BIN=$bin/csvd
 work=$(mktemp -d /tmp/csvd-bench-redirect.XXXXXX)
 trap '$bin/csvctl cluster down --dir "$work/c" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
 secs="${SECS:-5}"; inj="${INJECTIONS:-20}"; block="${BLOCK:-65536}"; workers="${WORKERS:-16}"
-echo "# $(date -u +%FT%TZ) $(nproc) cores, 3 nodes, nbdkit SAN paths, block=$block workers=$workers secs=$secs, io_timeout 1000 ms, release build"
+echo "# $(date -u +%FT%TZ) $(nproc) cores, 3 nodes, nbdkit SAN paths, block=$block workers=$workers secs=$secs, io_timeout 1000 ms, failback 2000 ms, no flap damping, release build"
 $bin/csvctl cluster up --dir "$work/c" --nodes 3 --san nbdkit --lun-size 1G \
-  --io-timeout-ms 1000 --failback-ms 2000 --detach >/dev/null
+  --io-timeout-ms 1000 --failback-ms 2000 --flap-window-ms 100 --detach >/dev/null
 $bin/csvctl --cluster "$work/c" bench redirect --node 1 --secs "$secs" --injections "$inj" \
   --block-size "$block" --workers "$workers"

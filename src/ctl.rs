@@ -196,6 +196,10 @@ pub enum ClusterCmd {
         /// The nodes' failback healthy time (`[redirector] failback_healthy_ms`).
         #[arg(long, default_value_t = 10_000)]
         failback_ms: u64,
+        /// The nodes' flap window (`[redirector] flap_window_ms`): a path failing this soon after
+        /// a failback doubles the failback time.
+        #[arg(long, default_value_t = 60_000)]
+        flap_window_ms: u64,
     },
     /// Stop a local cluster; nothing stays mounted or running. Data is kept.
     Down {
@@ -373,11 +377,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             netns,
             io_timeout_ms,
             failback_ms,
+            flap_window_ms,
         }) => {
             let mut opts = UpOptions::new(dir.clone(), nodes);
             opts.netns = netns;
             opts.redirector.io_timeout_ms = io_timeout_ms;
             opts.redirector.failback_healthy_ms = failback_ms;
+            opts.redirector.flap_window_ms = flap_window_ms;
             opts.lun_size = cluster::parse_size(lun_size)?;
             opts.san = san;
             opts.session.ttl_ms = session_ttl_ms;
