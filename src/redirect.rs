@@ -305,3 +305,24 @@ pub async fn diag(
         other => anyhow::bail!("unexpected answer from node {node}: {other:?}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn random_bytes_never_panic_the_diag_decoder(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = postcard::from_bytes::<DiagRequest>(&bytes);
+        }
+
+        #[test]
+        fn diag_requests_round_trip(offset: u64, data in proptest::collection::vec(any::<u8>(), 0..64), token: u64, fua: bool) {
+            let req = DiagRequest::Write { offset, data: data.clone(), fua, fence: Some(("data:1".into(), token)) };
+            let back: DiagRequest = postcard::from_bytes(&postcard::to_stdvec(&req).unwrap()).unwrap();
+            let DiagRequest::Write { offset: o, data: d, fua: f, fence } = back else { panic!("{back:?}") };
+            prop_assert_eq!((o, d, f, fence), (offset, data, fua, Some(("data:1".to_string(), token))));
+        }
+    }
+}
