@@ -27,7 +27,7 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
 use crate::client::CtlClient;
-use crate::config::{ListenConfig, NodeConfig, RaftConfig, SessionConfig};
+use crate::config::{ListenConfig, NodeConfig, RaftConfig, RedirectorSection, SessionConfig};
 
 /// How each node reaches the LUN.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -47,6 +47,9 @@ pub struct ClusterFile {
     pub nodes: Vec<NodeEntry>,
     pub secret_file: PathBuf,
     pub san_mode: SanMode,
+    /// Set when every node runs in its own network namespace (`cluster up --netns`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<crate::netns::Netns>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -72,6 +75,9 @@ pub struct UpOptions {
     pub csvd: PathBuf,
     pub raft: RaftConfig,
     pub session: SessionConfig,
+    pub redirector: RedirectorSection,
+    /// Run every node in its own network namespace (LAN faults: isolate, heal).
+    pub netns: bool,
     /// How long to wait for every node to join and the voter set to settle.
     pub ready_timeout: Duration,
 }
@@ -86,6 +92,8 @@ impl UpOptions {
             csvd: default_csvd_binary(),
             raft: RaftConfig::default(),
             session: SessionConfig::default(),
+            redirector: RedirectorSection::default(),
+            netns: false,
             ready_timeout: Duration::from_secs(120),
         }
     }
@@ -175,7 +183,7 @@ impl ClusterFile {
     }
 }
 
-fn node_dir(dir: &Path, id: u64) -> PathBuf {
+pub fn node_dir(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("node{id}"))
 }
 
@@ -278,14 +286,27 @@ pub async fn up(opts: &UpOptions, children: &mut Children) -> anyhow::Result<Clu
         nodes: Vec::new(),
         secret_file: secret_file.clone(),
         san_mode: opts.san,
+        netns: None,
     };
+    if opts.netns {
+        cluster.netns = Some(crate::netns::create(&dir, opts.nodes as u64)?);
+    }
+    cluster.save(&dir)?;
     let mut seed = String::new();
     for id in 1..=opts.nodes as u64 {
         let nd = node_dir(&dir, id);
         std::fs::create_dir_all(nd.join("mnt"))?;
         std::fs::create_dir_all(nd.join("data"))?;
-        let rpc = format!("127.0.0.1:{}", free_port()?);
-        let nbd = format!("127.0.0.1:{}", free_port()?);
+        let (rpc, nbd) = match &cluster.netns {
+            Some(n) => (
+                format!("{}:{}", n.node_ip(id), crate::netns::RPC_PORT),
+                format!("{}:{}", n.node_ip(id), crate::netns::NBD_PORT),
+            ),
+            None => (
+                format!("127.0.0.1:{}", free_port()?),
+                format!("127.0.0.1:{}", free_port()?),
+            ),
+        };
         let cfg = NodeConfig {
             node_id: id,
             data_dir: nd.join("data"),
@@ -306,6 +327,7 @@ pub async fn up(opts: &UpOptions, children: &mut Children) -> anyhow::Result<Clu
             },
             raft: opts.raft.clone(),
             session: opts.session.clone(),
+            redirector: opts.redirector.clone(),
             log: "info,openraft=error".into(),
         };
         if id == 1 {
@@ -345,6 +367,10 @@ async fn restart(
     opts: &UpOptions,
     children: &mut Children,
 ) -> anyhow::Result<ClusterFile> {
+    if let Some(n) = cluster.netns.take() {
+        cluster.netns = Some(crate::netns::create(dir, n.nodes.len() as u64)?);
+        cluster.save(dir)?;
+    }
     for i in 0..cluster.nodes.len() {
         let mut entry = cluster.nodes[i].clone();
         start_san(dir, &cluster, &mut entry, children)?;
@@ -394,7 +420,11 @@ pub fn start_node(
         .create(true)
         .append(true)
         .open(nd.join("csvd.log"))?;
-    let child = Command::new(csvd)
+    let mut cmd = match ClusterFile::load(dir).ok().and_then(|c| c.netns) {
+        Some(n) => crate::netns::command(&n, id, csvd),
+        None => Command::new(csvd),
+    };
+    let child = cmd
         .arg("--config")
         .arg(nd.join("node.toml"))
         .stdin(Stdio::null())
@@ -406,6 +436,30 @@ pub fn start_node(
     Ok(children.add(child))
 }
 
+/// How a node's nbdkit SAN path is set up. nbdkit 1.32 has no run-time control of an error
+/// rate or a delay, so those faults restart the node's nbdkit with other parameters (see
+/// `crate::fault`); hang/resume and "fail everything" are controlled at run time.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SanProfile {
+    /// pause filter (control socket `san.ctl`) and error filter (100% while `san.fail` exists).
+    Normal,
+    /// Like `Normal`, but the error filter fails this percentage of requests with EIO.
+    Flaky { rate_pct: f64 },
+    /// Like `Normal`, plus the delay filter on reads and writes.
+    Slow { delay_ms: u64 },
+}
+
+impl SanProfile {
+    /// The text kept in `DIR/nodeK/san.profile`.
+    pub fn to_text(&self) -> String {
+        match self {
+            SanProfile::Normal => "normal".into(),
+            SanProfile::Flaky { rate_pct } => format!("flaky {rate_pct}%"),
+            SanProfile::Slow { delay_ms } => format!("slow {delay_ms}ms"),
+        }
+    }
+}
+
 /// Starts node `entry`'s SAN path (an nbdkit process) if the cluster uses them, and
 /// sets `entry.san` to what the node opens.
 pub fn start_san(
@@ -413,6 +467,17 @@ pub fn start_san(
     cluster: &ClusterFile,
     entry: &mut NodeEntry,
     children: &mut Children,
+) -> anyhow::Result<()> {
+    start_san_with(dir, cluster, entry, children, SanProfile::Normal)
+}
+
+/// [`start_san`] with a fault profile.
+pub fn start_san_with(
+    dir: &Path,
+    cluster: &ClusterFile,
+    entry: &mut NodeEntry,
+    _children: &mut Children,
+    profile: SanProfile,
 ) -> anyhow::Result<()> {
     use std::os::unix::process::CommandExt;
     match cluster.san_mode {
@@ -428,23 +493,64 @@ pub fn start_san(
                 .create(true)
                 .append(true)
                 .open(nd.join("san.log"))?;
-            let child = Command::new("nbdkit")
-                .arg("-f")
+            // nbdkit in the foreground asks to be killed when its parent exits (so a detached
+            // cluster would lose its SAN paths): let it daemonize and report its pid instead.
+            let pidfile = nd.join("san.pid");
+            let _ = std::fs::remove_file(&pidfile);
+            let mut cmd = Command::new("nbdkit");
+            cmd.arg("-P")
+                .arg(&pidfile)
+                .arg("--log=stderr")
                 .arg("-U")
                 .arg(&sock)
-                .args(["--filter=pause", "--filter=error"])
-                .arg("file")
+                .args(["--filter=pause", "--filter=error"]);
+            if let SanProfile::Slow { .. } = profile {
+                cmd.arg("--filter=delay");
+            }
+            cmd.arg("file")
                 .arg(&cluster.lun)
                 .arg(format!("pause-control={}", nd.join("san.ctl").display()))
-                .args(["error=EIO", "error-rate=100%"])
-                .arg(format!("error-file={}", nd.join("san.fail").display()))
+                .arg("error=EIO");
+            match profile {
+                SanProfile::Flaky { rate_pct } => {
+                    cmd.arg(format!("error-rate={rate_pct}%"));
+                }
+                SanProfile::Normal | SanProfile::Slow { .. } => {
+                    cmd.arg("error-rate=100%")
+                        .arg(format!("error-file={}", nd.join("san.fail").display()));
+                }
+            }
+            if let SanProfile::Slow { delay_ms } = profile {
+                cmd.arg(format!("rdelay={delay_ms}ms"))
+                    .arg(format!("wdelay={delay_ms}ms"));
+            }
+            let status = cmd
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log)
                 .process_group(0)
-                .spawn()
+                .status()
                 .context("cannot start nbdkit (is it installed? scripts/install-deps.sh)")?;
-            entry.san_pid = Some(children.add(child));
+            if !status.success() {
+                bail!(
+                    "nbdkit for node {} failed ({status}); see {}",
+                    entry.id,
+                    nd.join("san.log").display()
+                );
+            }
+            std::fs::write(nd.join("san.profile"), profile.to_text())?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let pid = loop {
+                let text = std::fs::read_to_string(&pidfile).unwrap_or_default();
+                if let Ok(pid) = text.trim().parse::<u32>() {
+                    break pid;
+                }
+                if Instant::now() > deadline {
+                    bail!("nbdkit wrote no pid to {}", pidfile.display());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            entry.san_pid = Some(pid);
             entry.san = format!("nbd+unix:///?socket={}", sock.display());
             let deadline = Instant::now() + Duration::from_secs(10);
             while !sock.exists() {
@@ -577,6 +683,9 @@ pub async fn down(dir: &Path, children: &mut Children) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     children.reap();
+    if let Some(n) = &cluster.netns {
+        crate::netns::destroy(n);
+    }
     Ok(())
 }
 

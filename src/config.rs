@@ -58,6 +58,9 @@ pub struct NodeConfig {
     pub raft: RaftConfig,
     #[serde(default)]
     pub session: SessionConfig,
+    /// The I/O redirector (SAN path failover to peers over the LAN).
+    #[serde(default)]
+    pub redirector: RedirectorSection,
     /// Log filter (`info`, `debug`, `csvd=debug,openraft=warn`, ...).
     #[serde(default = "default_log")]
     pub log: String,
@@ -125,6 +128,76 @@ pub struct SessionConfig {
 impl Default for SessionConfig {
     fn default() -> Self {
         SessionConfig { ttl_ms: 10_000 }
+    }
+}
+
+/// `[redirector]`: how this node detects a bad SAN path, redirects its I/O to a peer, and
+/// fails back. All durations are milliseconds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedirectorSection {
+    /// A SAN or redirected request without an answer after this long is timed out: its outcome is
+    /// unknown, the path is marked hung and the request is re-issued elsewhere.
+    pub io_timeout_ms: u64,
+    /// This many SAN I/O errors within `error_window_ms` mark the path bad.
+    pub error_threshold: u32,
+    pub error_window_ms: u64,
+    /// Delay between probes of a bad path.
+    pub probe_interval_ms: u64,
+    /// Probes must succeed this long before I/O fails back from a peer to the SAN path.
+    pub failback_healthy_ms: u64,
+    /// Flap damping: a path failing again within `flap_window_ms` of a failback doubles the
+    /// healthy time (up to `failback_max_ms`); every `flap_decay_ms` spent direct halves it.
+    pub failback_max_ms: u64,
+    pub flap_window_ms: u64,
+    pub flap_decay_ms: u64,
+    /// With no SAN path and no healthy peer, I/O is queued this long, then fails with EIO.
+    pub pause_bound_ms: u64,
+    /// A peer that failed a redirected request is skipped for this long.
+    pub peer_retry_ms: u64,
+    /// Memory (MiB) for newest data over writes with unknown outcome (ghost writes); writes over
+    /// them stall beyond it until the ghosts resolve.
+    pub ghost_budget_mib: u64,
+}
+
+impl Default for RedirectorSection {
+    fn default() -> Self {
+        RedirectorSection {
+            io_timeout_ms: 1_000,
+            error_threshold: 3,
+            error_window_ms: 10_000,
+            probe_interval_ms: 500,
+            failback_healthy_ms: 10_000,
+            failback_max_ms: 300_000,
+            flap_window_ms: 60_000,
+            flap_decay_ms: 300_000,
+            pause_bound_ms: 25_000,
+            peer_retry_ms: 2_000,
+            ghost_budget_mib: 256,
+        }
+    }
+}
+
+impl RedirectorSection {
+    /// The redirector's settings (checked by [`NodeConfig::validate`]).
+    pub fn to_redirector(&self) -> redirector::RedirectorConfig {
+        redirector::RedirectorConfig {
+            policy: redirector::policy::PolicyConfig {
+                error_threshold: self.error_threshold,
+                error_window_ms: self.error_window_ms,
+                io_timeout_ms: self.io_timeout_ms,
+                probe_interval_ms: self.probe_interval_ms,
+                failback_healthy_ms: self.failback_healthy_ms,
+                failback_max_ms: self.failback_max_ms,
+                flap_window_ms: self.flap_window_ms,
+                flap_decay_ms: self.flap_decay_ms,
+                pause_bound_ms: self.pause_bound_ms,
+                peer_retry_ms: self.peer_retry_ms,
+            },
+            ghost_budget_bytes: usize::try_from(self.ghost_budget_mib.saturating_mul(1 << 20))
+                .unwrap_or(usize::MAX),
+            lost_grace_ms: self.io_timeout_ms,
+        }
     }
 }
 
@@ -198,6 +271,18 @@ impl NodeConfig {
         if self.listen.rpc == self.listen.nbd {
             return bad("listen.nbd", "must differ from listen.rpc".into());
         }
+        let rd = &self.redirector;
+        if let Err(redirector::policy::PolicyError::InvalidConfig { field, why }) =
+            rd.to_redirector().policy.validate()
+        {
+            return bad("redirector", format!("{field} {why}"));
+        }
+        if rd.pause_bound_ms < rd.io_timeout_ms {
+            return bad(
+                "redirector.pause_bound_ms",
+                "must be at least redirector.io_timeout_ms".into(),
+            );
+        }
         Ok(())
     }
 }
@@ -245,6 +330,31 @@ bootstrap = true
         let cfg: NodeConfig = toml::from_str(&text).unwrap();
         let err = cfg.validate(Path::new("t.toml")).unwrap_err();
         assert!(err.to_string().contains("session.ttl_ms"), "{err}");
+    }
+
+    #[test]
+    fn redirector_section_has_defaults_and_is_validated() {
+        let cfg: NodeConfig = toml::from_str(minimal()).unwrap();
+        assert_eq!(cfg.redirector.io_timeout_ms, 1_000);
+        let rc = cfg.redirector.to_redirector();
+        assert_eq!(rc.policy.pause_bound_ms, 25_000);
+        assert_eq!(rc.ghost_budget_bytes, 256 << 20);
+        let text = format!("{}\n[redirector]\nio_timeout_ms = 0\n", minimal());
+        let cfg: NodeConfig = toml::from_str(&text).unwrap();
+        let err = cfg.validate(Path::new("t.toml")).unwrap_err();
+        assert!(err.to_string().contains("io_timeout_ms"), "{err}");
+        let text = format!(
+            "{}\n[redirector]\nfailback_healthy_ms = 5000\nfailback_max_ms = 100\n",
+            minimal()
+        );
+        let cfg: NodeConfig = toml::from_str(&text).unwrap();
+        assert!(cfg.validate(Path::new("t.toml")).is_err());
+        let text = format!("{}\n[redirector]\npause_bound_ms = 10\n", minimal());
+        let cfg: NodeConfig = toml::from_str(&text).unwrap();
+        let err = cfg.validate(Path::new("t.toml")).unwrap_err();
+        assert!(err.to_string().contains("pause_bound_ms"), "{err}");
+        let text = format!("{}\n[redirector]\nio_timeot_ms = 5\n", minimal());
+        assert!(toml::from_str::<NodeConfig>(&text).is_err());
     }
 
     #[test]

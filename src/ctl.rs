@@ -92,6 +92,23 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Inject a fault into a local cluster (--cluster DIR): san-down, san-up, san-hang,
+    /// san-flaky [--rate 1%], san-slow [--delay 200ms], isolate, heal, kill, restart, pause,
+    /// resume.
+    Fault {
+        kind: String,
+        #[arg(long)]
+        node: u64,
+        /// Error rate of san-flaky.
+        #[arg(long)]
+        rate: Option<String>,
+        /// Added latency of san-slow (e.g. 200ms).
+        #[arg(long)]
+        delay: Option<String>,
+    },
+    /// A node's SAN path: maintenance redirect on or off, redirector counters.
+    #[command(subcommand)]
+    Path(PathCmd),
 }
 
 #[derive(Args)]
@@ -145,6 +162,27 @@ pub enum ExportCmd {
 }
 
 #[derive(Subcommand)]
+pub enum PathCmd {
+    /// Send the node's I/O through a peer (maintenance), while a peer is healthy.
+    Redirect {
+        #[arg(long)]
+        node: u64,
+    },
+    /// Withdraw the maintenance redirect (the node fails back once its path is healthy).
+    Direct {
+        #[arg(long)]
+        node: u64,
+    },
+    /// The node's redirector counters and ghost-write ledger.
+    Stats {
+        #[arg(long)]
+        node: u64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 pub enum BenchCmd {
     /// Metadata operations per second with p50/p99 latency: create an entry; acquire and
     /// release a lock. Workers are spread over the nodes.
@@ -153,6 +191,24 @@ pub enum BenchCmd {
         ops: usize,
         #[arg(long, default_value_t = 16)]
         concurrency: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Redirected against direct block I/O on one node, and the failover stall distribution
+    /// (needs --cluster DIR of a `--san nbdkit` cluster).
+    Redirect {
+        #[arg(long, default_value_t = 1)]
+        node: u64,
+        /// Seconds of each throughput run.
+        #[arg(long, default_value_t = 5)]
+        secs: u64,
+        /// Fault injections for the stall distribution.
+        #[arg(long, default_value_t = 20)]
+        injections: usize,
+        #[arg(long, default_value_t = 65536)]
+        block_size: usize,
+        #[arg(long, default_value_t = 16)]
+        workers: usize,
         #[arg(long)]
         json: bool,
     },
@@ -209,6 +265,19 @@ pub enum ClusterCmd {
         /// Session TTL in ms (how long a dead node keeps its locks).
         #[arg(long, default_value_t = 10_000)]
         session_ttl_ms: u64,
+        /// Run every node in its own network namespace (needs root; enables isolate/heal).
+        #[arg(long)]
+        netns: bool,
+        /// The nodes' redirector I/O timeout (`[redirector] io_timeout_ms`).
+        #[arg(long, default_value_t = 1_000)]
+        io_timeout_ms: u64,
+        /// The nodes' failback healthy time (`[redirector] failback_healthy_ms`).
+        #[arg(long, default_value_t = 10_000)]
+        failback_ms: u64,
+        /// The nodes' flap window (`[redirector] flap_window_ms`): a path failing this soon after
+        /// a failback doubles the failback time.
+        #[arg(long, default_value_t = 60_000)]
+        flap_window_ms: u64,
     },
     /// Stop a local cluster; nothing stays mounted or running. Data is kept.
     Down {
@@ -260,17 +329,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     st.term
                 );
                 println!(
-                    "{:>4}  {:<8} {:<6} {:<11} {:<6} reason",
-                    "node", "role", "alive", "path", "peer"
+                    "{:>4}  {:<8} {:<6} {:<11} {:<6} {:<10} reason",
+                    "node", "role", "alive", "path", "peer", "since"
                 );
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0);
                 for n in &st.nodes {
                     println!(
-                        "{:>4}  {:<8} {:<6} {:<11} {:<6} {}",
+                        "{:>4}  {:<8} {:<6} {:<11} {:<6} {:<10} {}",
                         n.id,
                         n.role,
                         if n.alive { "yes" } else { "NO" },
                         n.path,
                         n.peer.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                        n.since_ms
+                            .filter(|&s| s > 0)
+                            .map(|s| format_age(now.saturating_sub(s)))
+                            .unwrap_or_else(|| "-".into()),
                         n.reason.clone().unwrap_or_else(|| "-".into())
                     );
                 }
@@ -375,8 +452,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             san,
             detach,
             session_ttl_ms,
+            netns,
+            io_timeout_ms,
+            failback_ms,
+            flap_window_ms,
         }) => {
             let mut opts = UpOptions::new(dir.clone(), nodes);
+            opts.netns = netns;
+            opts.redirector.io_timeout_ms = io_timeout_ms;
+            opts.redirector.failback_healthy_ms = failback_ms;
+            opts.redirector.flap_window_ms = flap_window_ms;
             opts.lun_size = cluster::parse_size(lun_size)?;
             opts.san = san;
             opts.session.ttl_ms = session_ttl_ms;
@@ -453,6 +538,85 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Fault {
+            ref kind,
+            node,
+            ref rate,
+            ref delay,
+        } => {
+            let dir = cli
+                .cluster
+                .as_ref()
+                .context("fault needs --cluster DIR (or CSV_CLUSTER)")?;
+            let fault = crate::fault::Fault::parse(kind, rate.as_deref(), delay.as_deref())?;
+            let mut children = Children::default();
+            let r = crate::fault::inject(
+                dir,
+                node,
+                fault,
+                &mut children,
+                &cluster::default_csvd_binary(),
+            );
+            // Processes we started (nbdkit, csvd) run in their own process groups and outlive us.
+            std::mem::forget(children);
+            r?;
+            println!("node {node}: {kind} injected");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Path(ref cmd) => {
+            use crate::redirect::{DiagReply, DiagRequest, diag};
+            let c = client(&cli)?;
+            let (node, req, json) = match cmd {
+                PathCmd::Redirect { node } => (*node, DiagRequest::UserRedirect(true), false),
+                PathCmd::Direct { node } => (*node, DiagRequest::UserRedirect(false), false),
+                PathCmd::Stats { node, json } => (*node, DiagRequest::Stats, *json),
+            };
+            match diag(&c, node, &req, Duration::from_secs(10)).await? {
+                DiagReply::Stats {
+                    mode,
+                    stats,
+                    ghosts,
+                    rewrites_in_flight,
+                } => {
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::json!({"node": node, "mode": mode, "stats": stats, "ghosts": ghosts, "rewrites_in_flight": rewrites_in_flight})
+                        );
+                    } else {
+                        println!("node {node}: {mode}");
+                        println!(
+                            "  unresolved ghost writes: {ghosts}, rewrites in flight: {rewrites_in_flight}"
+                        );
+                        println!("  {stats:?}");
+                    }
+                }
+                DiagReply::Done => println!("node {node}: ok"),
+                other => bail!("unexpected answer {other:?}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench(BenchCmd::Redirect {
+            node,
+            secs,
+            injections,
+            block_size,
+            workers,
+            json,
+        }) => {
+            let dir = cli
+                .cluster
+                .as_ref()
+                .context("bench needs --cluster DIR (or CSV_CLUSTER)")?;
+            let b = crate::redirect_bench::run(dir, node, secs, injections, block_size, workers)
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&b)?);
+            } else {
+                print!("{}", crate::redirect_bench::table(&b));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Cluster(ClusterCmd::Down { ref dir }) => {
             cluster::down(dir, &mut Children::default()).await?;
             println!(
@@ -461,6 +625,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// `12s`, `5m03s`, `2h10m` ago.
+fn format_age(ms: u64) -> String {
+    let s = ms / 1000;
+    if s < 60 {
+        format!("{s}s ago")
+    } else if s < 3600 {
+        format!("{}m{:02}s ago", s / 60, s % 60)
+    } else {
+        format!("{}h{:02}m ago", s / 3600, (s % 3600) / 60)
     }
 }
 

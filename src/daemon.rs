@@ -43,9 +43,10 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         },
         ..Default::default()
     };
-    let lun = csv_core::lun::open_lun(&cfg.lun, &opts)
+    let san = redirector::open_san_path(&cfg.lun, &opts)
         .await
         .with_context(|| format!("cannot attach LUN {}", cfg.lun))?;
+    let lun: Arc<dyn Lun> = san.clone();
     let sb = csv_core::superblock::read(lun.as_ref())
         .await
         .with_context(|| format!("LUN {} is not usable", cfg.lun))?;
@@ -83,6 +84,9 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         node.shutdown().await;
         return Err(e);
     }
+    // From here on the node's block I/O goes through the redirector (SAN path or a peer).
+    let lun: Arc<dyn Lun> = Arc::new(crate::redirect::attach(&cfg, &node, san)?);
+    tracing::info!(lun = %lun.describe(), "I/O redirector running");
 
     let (volume, mount) = match attach_volume(&cfg, &node, lun.clone()).await {
         Ok(x) => x,

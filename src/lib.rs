@@ -11,8 +11,13 @@ pub mod config;
 pub mod ctl;
 pub mod daemon;
 pub mod exports;
+pub mod fault;
 pub mod format;
 pub mod fsck;
+pub mod netns;
+pub mod redirect;
+pub mod redirect_bench;
+pub mod workload;
 
 /// Sets up logging to stderr with `filter` (overridden by `RUST_LOG`).
 pub fn init_tracing(filter: &str) {

@@ -189,6 +189,9 @@ pub fn kill_everything(dir: &Path) {
     for n in &c.nodes {
         cluster::unmount_if_mounted(&n.mount);
     }
+    if let Some(n) = &c.netns {
+        csvd::netns::destroy(n);
+    }
 }
 
 pub fn dump_logs(dir: &Path) {

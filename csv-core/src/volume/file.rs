@@ -23,6 +23,7 @@ use super::{
     Applied, Consistency, MetaAnswer, MetaClientError, MetaQuery, Shared, VolumeError,
     VolumeResult, WeakShared, answer, lock, now,
 };
+use crate::lun::IoFence;
 use crate::meta::{
     Attr, BlockRange, Extent, ExtentState, FallocMode, FencingToken, Ino, LockMode, MAX_FILE_SIZE,
     MetaError, SessionId, data_lock_key,
@@ -70,6 +71,18 @@ pub(crate) struct FileState {
 }
 
 impl FileState {
+    /// The credentials a LUN write of this file carries (the redirector sends them to
+    /// the peer, which refuses a stale token): the exclusive data lock's grant.
+    pub fn fence(&self) -> Option<IoFence> {
+        let c = lock(&self.core);
+        c.lock
+            .filter(|h| h.mode == LockMode::Exclusive)
+            .map(|h| IoFence {
+                key: data_lock_key(self.ino),
+                token: h.token,
+            })
+    }
+
     pub fn new(ino: Ino) -> Self {
         FileState {
             ino,
@@ -603,14 +616,15 @@ impl Shared {
 
     /// Writes `data` at LUN byte `off`, read-modify-writing partial sectors. Callers
     /// serialize writes that touch a partial sector.
-    async fn lun_write(&self, off: u64, data: Bytes) -> VolumeResult<()> {
+    async fn lun_write(&self, fs: &FileState, off: u64, data: Bytes) -> VolumeResult<()> {
         if !self.meta.may_write() {
             return Err(VolumeError::Fenced);
         }
+        let fence = fs.fence();
         let a = self.align;
         let end = off + data.len() as u64;
         if off.is_multiple_of(a) && end.is_multiple_of(a) {
-            self.lun.write_at(off, data, false).await?;
+            self.lun.write_fenced(off, data, false, fence).await?;
             return Ok(());
         }
         let start = off / a * a;
@@ -629,7 +643,9 @@ impl Shared {
         if !self.meta.may_write() {
             return Err(VolumeError::Fenced);
         }
-        self.lun.write_at(start, buf.freeze(), false).await?;
+        self.lun
+            .write_fenced(start, buf.freeze(), false, fence)
+            .await?;
         Ok(())
     }
 
@@ -723,14 +739,15 @@ impl Shared {
                     lun_block,
                     state: ExtentState::Written,
                 } => {
-                    self.lun_write(lun_block * bs + (d0 - rb0), part).await?;
+                    self.lun_write(fs, lun_block * bs + (d0 - rb0), part)
+                        .await?;
                 }
                 RunKind::Mapped {
                     lun_block,
                     state: ExtentState::Unwritten,
                 } => {
                     let buf = whole_blocks(rb0, rb1, d0, part);
-                    self.lun_write(lun_block * bs, buf).await?;
+                    self.lun_write(fs, lun_block * bs, buf).await?;
                     let e = Extent {
                         file_block: run.file_block,
                         lun_block,
@@ -759,7 +776,7 @@ impl Shared {
                         let (q0, q1) = (p0.max(offset), p1.min(end));
                         let piece = data.slice((q0 - offset) as usize..(q1 - offset) as usize);
                         let buf = whole_blocks(p0, p1, q0, piece);
-                        if let Err(e) = self.lun_write(lun_block * bs, buf).await {
+                        if let Err(e) = self.lun_write(fs, lun_block * bs, buf).await {
                             fresh.insert(
                                 0,
                                 BlockRange {
@@ -1031,7 +1048,7 @@ impl Shared {
                 let r0 = (run.file_block * bs).max(from);
                 let r1 = ((run.file_block + run.len) * bs).min(to);
                 let zeros = Bytes::from(vec![0u8; (r1 - r0) as usize]);
-                self.lun_write(lun_block * bs + (r0 - run.file_block * bs), zeros)
+                self.lun_write(fs, lun_block * bs + (r0 - run.file_block * bs), zeros)
                     .await?;
                 any = true;
             }

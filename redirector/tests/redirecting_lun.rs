@@ -1,0 +1,703 @@
+//! `RedirectingLun` with in-process nodes: every node's SAN path is a `FaultLun` over one shared
+//! `MemLun`, and the LAN is an in-process `PeerTransport` that can take a peer down, hang it, or
+//! kill it with requests in flight. Time is tokio's paused clock, so timeouts are exact and fast.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use csv_core::lun::{FaultError, FaultHandle, FaultLun, IoFence, Lun, LunError, MemLun, OpSet};
+use csv_core::meta::{NodeId, PathState};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use redirector::frame::{Request, RequestBody, Response, Status};
+use redirector::peer::{BoxFuture, encode_envelope};
+use redirector::policy::{Mode, PolicyConfig, Reason};
+use redirector::{
+    FenceCheck, FenceVerdict, NoFence, PeerService, PeerTransport, PlainPath, RedirectingLun,
+    RedirectorConfig, TransportError,
+};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+const BLOCK: usize = 4096;
+const LUN_SIZE: u64 = 1 << 20;
+
+fn cfg() -> RedirectorConfig {
+    RedirectorConfig {
+        policy: PolicyConfig {
+            error_threshold: 3,
+            error_window_ms: 2_000,
+            io_timeout_ms: 200,
+            probe_interval_ms: 100,
+            failback_healthy_ms: 1_000,
+            failback_max_ms: 8_000,
+            flap_window_ms: 5_000,
+            flap_decay_ms: 20_000,
+            pause_bound_ms: 3_000,
+            peer_retry_ms: 500,
+        },
+        ghost_budget_bytes: 1 << 20,
+        lost_grace_ms: 200,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PeerFault {
+    None,
+    /// Requests are received but not executed until the fault changes (then they execute).
+    Hang,
+    /// The process died: requests waiting in a hang are lost unexecuted.
+    Killed,
+}
+
+/// The in-process LAN.
+#[derive(Default)]
+struct Net {
+    services: Mutex<BTreeMap<NodeId, PeerService>>,
+    faults: Mutex<BTreeMap<NodeId, watch::Sender<PeerFault>>>,
+}
+
+impl Net {
+    fn fault_tx(&self, peer: NodeId) -> watch::Sender<PeerFault> {
+        self.faults
+            .lock()
+            .unwrap()
+            .entry(peer)
+            .or_insert_with(|| watch::channel(PeerFault::None).0)
+            .clone()
+    }
+
+    fn set(&self, peer: NodeId, f: PeerFault) {
+        self.fault_tx(peer).send_replace(f);
+    }
+}
+
+struct Transport {
+    me: NodeId,
+    net: Arc<Net>,
+}
+
+impl PeerTransport for Transport {
+    fn call(&self, peer: NodeId, request: Bytes) -> BoxFuture<'_, Result<Bytes, TransportError>> {
+        Box::pin(async move {
+            let mut rx = self.net.fault_tx(peer).subscribe();
+            let not_sent = |why: &str| TransportError::NotSent {
+                peer,
+                reason: why.into(),
+            };
+            match *rx.borrow_and_update() {
+                PeerFault::Killed => return Err(not_sent("down")),
+                PeerFault::None | PeerFault::Hang => {}
+            }
+            while *rx.borrow_and_update() == PeerFault::Hang {
+                if rx.changed().await.is_err() {
+                    break;
+                }
+            }
+            if *rx.borrow() == PeerFault::Killed {
+                return Err(TransportError::Lost {
+                    peer,
+                    reason: "peer died".into(),
+                });
+            }
+            let svc = self.net.services.lock().unwrap().get(&peer).cloned();
+            let svc = svc.ok_or_else(|| not_sent("unknown peer"))?;
+            svc.handle(self.me, &request)
+                .await
+                .map_err(|e| not_sent(&e))
+        })
+    }
+}
+
+struct Node {
+    lun: RedirectingLun,
+    fault: FaultHandle,
+}
+
+struct Cluster {
+    disk: Arc<MemLun>,
+    net: Arc<Net>,
+    nodes: BTreeMap<NodeId, Node>,
+}
+
+impl Cluster {
+    fn new(n: u64, fence: Arc<dyn FenceCheck>) -> Cluster {
+        Self::with_cfg(n, fence, cfg())
+    }
+
+    fn with_cfg(n: u64, fence: Arc<dyn FenceCheck>, cfg: RedirectorConfig) -> Cluster {
+        let disk = Arc::new(MemLun::new(LUN_SIZE));
+        let net = Arc::new(Net::default());
+        let mut nodes = BTreeMap::new();
+        for id in 1..=n {
+            let path = FaultLun::new(disk.clone());
+            let fault = path.handle();
+            let transport = Arc::new(Transport {
+                me: id,
+                net: net.clone(),
+            });
+            let lun =
+                RedirectingLun::new(id, Arc::new(PlainPath(path)), transport, cfg.clone()).unwrap();
+            net.services
+                .lock()
+                .unwrap()
+                .insert(id, lun.peer_service(fence.clone()));
+            nodes.insert(id, Node { lun, fault });
+        }
+        let c = Cluster { disk, net, nodes };
+        c.refresh_peers();
+        c
+    }
+
+    /// What the daemon does from the node records: every node learns its peers' path health.
+    fn refresh_peers(&self) {
+        let health: Vec<(NodeId, bool)> = self
+            .nodes
+            .iter()
+            .map(|(id, n)| (*id, n.lun.mode() == Mode::Direct))
+            .collect();
+        for n in self.nodes.values() {
+            n.lun.update_peers(&health);
+        }
+    }
+
+    fn lun(&self, id: NodeId) -> &RedirectingLun {
+        &self.nodes[&id].lun
+    }
+
+    fn fault(&self, id: NodeId) -> &FaultHandle {
+        &self.nodes[&id].fault
+    }
+}
+
+fn block(tag: u8) -> Bytes {
+    Bytes::from(vec![tag; BLOCK])
+}
+
+/// The tag of a block written by [`block`] (`None` if it is not one).
+fn tag(b: &[u8]) -> Option<u8> {
+    b.iter().all(|&x| x == b[0]).then_some(b[0])
+}
+
+async fn disk_block(c: &Cluster, idx: u64) -> Bytes {
+    c.disk.read_at(idx * BLOCK as u64, BLOCK).await.unwrap()
+}
+
+/// Polls `cond` on the paused clock until it holds, failing after `limit` of virtual time.
+async fn eventually(limit: Duration, what: &str, mut cond: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_healthy_path_carries_all_io_directly() {
+    let c = Cluster::new(2, Arc::new(NoFence));
+    let lun = c.lun(1);
+    lun.write_at(0, block(7), false).await.unwrap();
+    lun.flush().await.unwrap();
+    assert_eq!(tag(&lun.read_at(0, BLOCK).await.unwrap()), Some(7));
+    assert_eq!(tag(&disk_block(&c, 0).await), Some(7));
+    let s = lun.stats();
+    assert_eq!((s.peer_attempts, s.timeouts), (0, 0));
+    assert_eq!(lun.mode(), Mode::Direct);
+    assert_eq!(lun.status().borrow().state, PathState::Direct);
+    // Requests of their own fail as such, never as path trouble.
+    assert!(matches!(
+        lun.read_at(LUN_SIZE, BLOCK).await,
+        Err(LunError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        lun.write_at(1, block(1), false).await,
+        Err(LunError::Misaligned { .. })
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unreachable_path_redirects_to_a_peer_and_publishes_why() {
+    let c = Cluster::new(3, Arc::new(NoFence));
+    let before = c.lun(1).status().borrow().since_ms;
+    c.fault(1).fail_all(OpSet::ALL, FaultError::PathUnreachable);
+    for i in 0..16u64 {
+        c.lun(1)
+            .write_at(i * BLOCK as u64, block(i as u8 + 1), false)
+            .await
+            .unwrap();
+    }
+    c.lun(1).flush().await.unwrap();
+    for i in 0..16u64 {
+        assert_eq!(
+            tag(&c.lun(1).read_at(i * BLOCK as u64, BLOCK).await.unwrap()),
+            Some(i as u8 + 1)
+        );
+        assert_eq!(tag(&disk_block(&c, i).await), Some(i as u8 + 1));
+    }
+    let Mode::Redirected { peer, reason } = c.lun(1).mode() else {
+        panic!("not redirected: {:?}", c.lun(1).mode());
+    };
+    assert_eq!(reason, Reason::NoDiskConnectivity);
+    let st = c.lun(1).status().borrow().clone();
+    assert_eq!(st.state, PathState::Redirected);
+    assert_eq!(st.peer, Some(peer));
+    assert_eq!(st.reason.as_deref(), Some("no disk connectivity"));
+    assert!(st.since_ms >= before);
+    assert!(c.lun(1).stats().peer_attempts >= 16);
+}
+
+#[tokio::test(start_paused = true)]
+async fn failback_happens_after_the_healthy_time_and_a_flapping_path_waits_longer() {
+    let c = Cluster::new(2, Arc::new(NoFence));
+    c.fault(1).fail_all(OpSet::ALL, FaultError::PathUnreachable);
+    c.lun(1).write_at(0, block(1), false).await.unwrap();
+    assert!(matches!(c.lun(1).mode(), Mode::Redirected { .. }));
+    c.fault(1).clear();
+    let t0 = Instant::now();
+    eventually(Duration::from_secs(5), "failback", async || {
+        c.lun(1).mode() == Mode::Direct
+    })
+    .await;
+    let first = t0.elapsed();
+    assert!(
+        first >= Duration::from_millis(1_000),
+        "failed back after {first:?}, before the healthy time"
+    );
+    // Fails again right away: a flap doubles the healthy time.
+    c.fault(1).fail_all(OpSet::ALL, FaultError::PathUnreachable);
+    c.lun(1).write_at(0, block(2), false).await.unwrap();
+    c.fault(1).clear();
+    let t1 = Instant::now();
+    eventually(Duration::from_secs(10), "second failback", async || {
+        c.lun(1).mode() == Mode::Direct
+    })
+    .await;
+    assert!(
+        t1.elapsed() >= Duration::from_millis(2_000),
+        "{:?}",
+        t1.elapsed()
+    );
+    assert_eq!(tag(&c.lun(1).read_at(0, BLOCK).await.unwrap()), Some(2));
+    assert_eq!(c.lun(1).status().borrow().state, PathState::Direct);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hung_write_is_reissued_and_its_late_landing_never_shows_old_data() {
+    let c = Cluster::new(2, Arc::new(NoFence));
+    c.lun(1).write_at(0, block(1), false).await.unwrap();
+    c.fault(1).hang();
+    // Hangs on the path, times out, is re-issued through node 2.
+    let t = Instant::now();
+    c.lun(1).write_at(0, block(2), false).await.unwrap();
+    let stall = t.elapsed();
+    assert!(stall >= Duration::from_millis(200) && stall < Duration::from_millis(400));
+    assert_eq!(c.fault(1).hung(), 1, "the ghost is still inside the path");
+    assert_eq!(c.lun(1).ghosts().0, 1);
+    // Newer data for the same block goes through the LAN.
+    c.lun(1).write_at(0, block(3), false).await.unwrap();
+    assert_eq!(tag(&disk_block(&c, 0).await), Some(3));
+    // The path resumes late: the ghost (block 2) lands on the LUN, rolling it back...
+    c.fault(1).release();
+    // ... but node 1 never reads it, and once the ghost has resolved nobody does.
+    for _ in 0..50 {
+        assert_eq!(tag(&c.lun(1).read_at(0, BLOCK).await.unwrap()), Some(3));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    eventually(Duration::from_secs(2), "ledger idle", async || {
+        c.lun(1).ghosts() == (0, 0)
+    })
+    .await;
+    assert_eq!(tag(&disk_block(&c, 0).await), Some(3));
+    assert_eq!(tag(&c.lun(2).read_at(0, BLOCK).await.unwrap()), Some(3));
+    let s = c.lun(1).stats();
+    assert!(
+        s.reissues >= 1 && s.ghosts_resolved >= 1 && s.rewrites >= 1,
+        "{s:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_no_path_and_no_peer_io_pauses_then_fails_cleanly_after_the_bound() {
+    let c = Cluster::new(1, Arc::new(NoFence));
+    c.fault(1).fail_all(OpSet::ALL, FaultError::PathUnreachable);
+    let t = Instant::now();
+    let err = c.lun(1).write_at(0, block(1), false).await.unwrap_err();
+    let waited = t.elapsed();
+    assert!(matches!(err, LunError::PathUnreachable { .. }), "{err}");
+    assert!(
+        waited >= Duration::from_millis(3_000) && waited < Duration::from_millis(3_500),
+        "{waited:?}"
+    );
+    assert_eq!(c.lun(1).status().borrow().state, PathState::Paused);
+    assert!(
+        c.lun(1)
+            .status()
+            .borrow()
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("no healthy peer")
+    );
+    // Past the bound, new I/O fails fast.
+    let t = Instant::now();
+    assert!(c.lun(1).read_at(0, BLOCK).await.is_err());
+    assert!(t.elapsed() < Duration::from_millis(100));
+    // The path comes back: I/O works again.
+    c.fault(1).clear();
+    eventually(Duration::from_secs(2), "resume", async || {
+        c.lun(1).mode() == Mode::Direct
+    })
+    .await;
+    c.lun(1).write_at(0, block(2), false).await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn paused_io_resumes_without_errors_when_a_path_returns_within_the_bound() {
+    let c = Cluster::new(1, Arc::new(NoFence));
+    c.fault(1).fail_all(OpSet::ALL, FaultError::PathUnreachable);
+    let lun = c.lun(1).clone();
+    let writers: Vec<_> = (0..8u64)
+        .map(|i| {
+            let lun = lun.clone();
+            tokio::spawn(async move {
+                lun.write_at(i * BLOCK as u64, block(i as u8 + 10), false)
+                    .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert!(matches!(c.lun(1).mode(), Mode::Paused { .. }));
+    c.fault(1).clear();
+    for w in writers {
+        w.await.unwrap().unwrap();
+    }
+    for i in 0..8u64 {
+        assert_eq!(tag(&disk_block(&c, i).await), Some(i as u8 + 10));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_redirect_peer_that_dies_mid_io_is_replaced_and_nothing_is_lost() {
+    let c = Cluster::new(3, Arc::new(NoFence));
+    c.fault(1).fail_all(OpSet::ALL, FaultError::PathUnreachable);
+    c.lun(1).write_at(0, block(1), false).await.unwrap();
+    let Mode::Redirected { peer: first, .. } = c.lun(1).mode() else {
+        panic!()
+    };
+    let other = if first == 2 { 3 } else { 2 };
+    // The peer hangs with writes inside, then dies: they are lost unexecuted.
+    c.net.set(first, PeerFault::Hang);
+    let lun = c.lun(1).clone();
+    let writers: Vec<_> = (0..8u64)
+        .map(|i| {
+            let lun = lun.clone();
+            tokio::spawn(async move {
+                lun.write_at(i * BLOCK as u64, block(i as u8 + 20), false)
+                    .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    c.net.set(first, PeerFault::Killed);
+    for w in writers {
+        w.await.unwrap().unwrap();
+    }
+    assert_eq!(
+        c.lun(1).mode(),
+        Mode::Redirected {
+            peer: other,
+            reason: Reason::NoDiskConnectivity
+        }
+    );
+    for i in 0..8u64 {
+        assert_eq!(tag(&disk_block(&c, i).await), Some(i as u8 + 20));
+        assert_eq!(
+            tag(&c.lun(1).read_at(i * BLOCK as u64, BLOCK).await.unwrap()),
+            Some(i as u8 + 20)
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_peer_whose_own_path_fails_answers_path_error_and_another_peer_is_used() {
+    let c = Cluster::new(3, Arc::new(NoFence));
+    c.fault(1).fail_all(OpSet::ALL, FaultError::PathUnreachable);
+    c.fault(2).fail_all(OpSet::ALL, FaultError::PathUnreachable);
+    // Node 2 still looks healthy in the records: it learns about its path from our request.
+    for i in 0..4u64 {
+        c.lun(1)
+            .write_at(i * BLOCK as u64, block(30 + i as u8), false)
+            .await
+            .unwrap();
+    }
+    assert!(matches!(c.lun(1).mode(), Mode::Redirected { peer: 3, .. }));
+    assert_ne!(
+        c.lun(2).mode(),
+        Mode::Direct,
+        "node 2 learned its path is bad"
+    );
+    // A peer whose path is known bad refuses at once, without touching its path.
+    let req = Request {
+        id: 5,
+        offset: 0,
+        token: 0,
+        node: 1,
+        body: RequestBody::Read { len: 4096 },
+    };
+    let svc = c.net.services.lock().unwrap()[&2].clone();
+    let answer = svc
+        .handle(1, &encode_envelope("", &req).unwrap())
+        .await
+        .unwrap();
+    let r = Response::decode(&mut bytes::BytesMut::from(&answer[..]))
+        .unwrap()
+        .unwrap();
+    assert_eq!((r.id, r.status), (5, Status::PathError));
+}
+
+/// A lock table: key -> current token.
+struct Locks(Mutex<BTreeMap<String, u64>>);
+
+impl FenceCheck for Locks {
+    fn check(&self, key: &str, token: u64) -> BoxFuture<'_, FenceVerdict> {
+        let cur = self.0.lock().unwrap().get(key).copied().unwrap_or(0);
+        Box::pin(async move {
+            if token == cur {
+                FenceVerdict::Valid
+            } else {
+                FenceVerdict::Stale { current: cur }
+            }
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn peers_refuse_redirected_writes_with_stale_tokens() {
+    let locks = Arc::new(Locks(Mutex::new(BTreeMap::from([("data:7".into(), 12)]))));
+    let c = Cluster::new(2, locks.clone());
+    c.fault(1).fail_all(OpSet::ALL, FaultError::PathUnreachable);
+    let fence = |token| {
+        Some(IoFence {
+            key: "data:7".into(),
+            token,
+        })
+    };
+    c.lun(1)
+        .write_fenced(0, block(1), false, fence(12))
+        .await
+        .unwrap();
+    let err = c
+        .lun(1)
+        .write_fenced(0, block(2), false, fence(11))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, LunError::Fenced { token: 11 }), "{err}");
+    assert_eq!(tag(&disk_block(&c, 0).await), Some(1));
+    // The lock moves on: the old holder's writes are refused from then on.
+    locks.0.lock().unwrap().insert("data:7".into(), 13);
+    assert!(
+        c.lun(1)
+            .write_fenced(0, block(3), false, fence(12))
+            .await
+            .is_err()
+    );
+    assert_eq!(tag(&disk_block(&c, 0).await), Some(1));
+    assert_eq!(c.lun(2).stats().refused_stale, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_damaged_payload_is_answered_with_crc_mismatch() {
+    let c = Cluster::new(2, Arc::new(NoFence));
+    let req = Request {
+        id: 77,
+        offset: 0,
+        token: 0,
+        node: 1,
+        body: RequestBody::Write {
+            data: block(5),
+            fua: false,
+        },
+    };
+    let mut wire = encode_envelope("", &req).unwrap().to_vec();
+    let n = wire.len();
+    wire[n - 1] ^= 0xff;
+    let svc = c.net.services.lock().unwrap()[&2].clone();
+    let answer = svc.handle(1, &wire).await.unwrap();
+    let r = Response::decode(&mut bytes::BytesMut::from(&answer[..]))
+        .unwrap()
+        .unwrap();
+    assert_eq!((r.id, r.status), (77, Status::CrcMismatch));
+    assert_eq!(disk_block(&c, 0).await, Bytes::from(vec![0u8; BLOCK]));
+    // A request claiming to come from another node is refused outright.
+    let wire = encode_envelope("", &req).unwrap();
+    assert!(svc.handle(3, &wire).await.is_err());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_user_redirect_moves_io_to_a_peer_and_back() {
+    let c = Cluster::new(2, Arc::new(NoFence));
+    c.lun(1).set_user_redirect(true);
+    assert_eq!(
+        c.lun(1).mode(),
+        Mode::Redirected {
+            peer: 2,
+            reason: Reason::UserRequest
+        }
+    );
+    c.lun(1).write_at(0, block(9), false).await.unwrap();
+    assert_eq!(c.lun(1).stats().peer_attempts, 1);
+    assert_eq!(
+        c.lun(1).status().borrow().reason.as_deref(),
+        Some("user request")
+    );
+    c.lun(1).set_user_redirect(false);
+    assert_eq!(c.lun(1).mode(), Mode::Direct);
+    assert_eq!(tag(&c.lun(1).read_at(0, BLOCK).await.unwrap()), Some(9));
+}
+
+// ---- randomized: concurrent verifying workload under random faults ----
+
+/// A self-describing block: (block index, writer, sequence) repeated, so a read names the write
+/// it came from.
+fn stamp(idx: u64, writer: u64, seq: u64) -> Bytes {
+    let mut v = Vec::with_capacity(BLOCK);
+    while v.len() < BLOCK {
+        v.extend_from_slice(&idx.to_le_bytes());
+        v.extend_from_slice(&writer.to_le_bytes());
+        v.extend_from_slice(&seq.to_le_bytes());
+        v.extend_from_slice(&[0xA5; 8]);
+    }
+    Bytes::from(v)
+}
+
+fn unstamp(b: &[u8]) -> (u64, u64, u64) {
+    let u = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
+    assert!(b.chunks(32).all(|c| c == &b[..32]), "torn or foreign block");
+    (u(0), u(8), u(16))
+}
+
+async fn random_faults_run(seed: u64) {
+    eprintln!("seed {seed}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let c = Arc::new(Cluster::new(3, Arc::new(NoFence)));
+    const BLOCKS: u64 = 8;
+    // Each writer owns its blocks (one writer per block, like a file's lock holder), and checks
+    // after every acknowledged write that reading it back gives exactly that write, and that no
+    // read ever returns an older write than the last acknowledged one.
+    let mut tasks = Vec::new();
+    for w in 0..4u64 {
+        let c = c.clone();
+        let mut wr = StdRng::seed_from_u64(seed ^ ((w + 1) * 0x9e37));
+        tasks.push(tokio::spawn(async move {
+            let mut last = BTreeMap::new();
+            for seq in 1..=150u64 {
+                let idx = w * BLOCKS + wr.random_range(0..BLOCKS);
+                let lun = c.lun(1);
+                let off = idx * BLOCK as u64;
+                lun.write_at(off, stamp(idx, w, seq), false).await.unwrap();
+                last.insert(idx, seq);
+                let pick = w * BLOCKS + wr.random_range(0..BLOCKS);
+                let got = lun.read_at(pick * BLOCK as u64, BLOCK).await.unwrap();
+                match last.get(&pick) {
+                    Some(&s) => assert_eq!(unstamp(&got), (pick, w, s), "stale read"),
+                    None => assert!(got.iter().all(|&b| b == 0)),
+                }
+                tokio::time::sleep(Duration::from_millis(wr.random_range(0..30))).await;
+            }
+            last
+        }));
+    }
+    // The nemesis: hangs (ghost writes), unreachable paths and error bursts on node 1 and its
+    // peers, until the writers are done.
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let nemesis = {
+        let (c, done) = (c.clone(), done.clone());
+        tokio::spawn(async move {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let node = if rng.random_bool(0.5) {
+                    1
+                } else {
+                    rng.random_range(2..4)
+                };
+                match rng.random_range(0..10) {
+                    0..=2 => c.fault(node).hang(),
+                    3..=4 => c.fault(node).release(),
+                    5 => c
+                        .fault(node)
+                        .fail_all(OpSet::ALL, FaultError::PathUnreachable),
+                    6..=7 => c.fault(node).clear(),
+                    8 => c
+                        .fault(node)
+                        .set_error_rate(OpSet::ALL, 0.05, FaultError::Io(5), seed),
+                    _ => c.refresh_peers(),
+                }
+                tokio::time::sleep(Duration::from_millis(rng.random_range(20..400))).await;
+            }
+            for n in 1..=3 {
+                c.fault(n).clear();
+            }
+            c.refresh_peers();
+        })
+    };
+    let mut expected = BTreeMap::new();
+    for (w, t) in tasks.into_iter().enumerate() {
+        for (idx, seq) in t.await.unwrap() {
+            expected.insert(idx, (w as u64, seq));
+        }
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    nemesis.await.unwrap();
+    // Once everything resolved, the LUN itself holds every last acknowledged write.
+    eventually(Duration::from_secs(30), "ledger idle", async || {
+        c.lun(1).ghosts() == (0, 0)
+    })
+    .await;
+    let s = c.lun(1).stats();
+    eprintln!("seed {seed}: {s:?}");
+    for (idx, (w, seq)) in expected {
+        let got = disk_block(&c, idx).await;
+        assert_eq!(
+            unstamp(&got),
+            (idx, w, seq),
+            "seed {seed}: lost write on block {idx}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn random_faults_never_lose_or_roll_back_acknowledged_writes() {
+    let base: u64 = std::env::var("REDIRECT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    for i in 0..6 {
+        random_faults_run(base.wrapping_add(i)).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_node_learns_from_its_periodic_probe_that_its_path_is_gone_or_hung() {
+    let c = Cluster::new(2, Arc::new(NoFence));
+    c.fault(1).fail_all(OpSet::ALL, FaultError::PathUnreachable);
+    eventually(Duration::from_secs(2), "redirect without I/O", async || {
+        matches!(c.lun(1).mode(), Mode::Redirected { .. })
+    })
+    .await;
+    assert_eq!(
+        c.lun(1).status().borrow().reason.as_deref(),
+        Some("no disk connectivity")
+    );
+    c.fault(2).hang();
+    eventually(Duration::from_secs(2), "hung path noticed", async || {
+        c.lun(2).mode()
+            == Mode::Redirected {
+                peer: 1,
+                reason: Reason::PathHung,
+            }
+            || matches!(c.lun(2).mode(), Mode::Paused { .. })
+    })
+    .await;
+    c.fault(2).release();
+}
