@@ -14,6 +14,7 @@ use csvd::chaos::history::{
 };
 use csvd::chaos::report::Report;
 use csvd::chaos::schedule::{self, FaultKind, ScheduleShape};
+use csvd::chaos::workload::WorkloadKind;
 use csvd::chaos::{self, ChaosError, ChaosOptions};
 use proptest::prelude::*;
 
@@ -34,27 +35,72 @@ fn op(id: u64, worker: u32, node: u64, kind: OpKind, t: (f64, f64), outcome: Out
 }
 
 fn write(id: u64, worker: u32, block: u64, t: (f64, f64), outcome: Outcome) -> OpRecord {
+    write_to("", 0, id, worker, block, t, outcome)
+}
+
+/// A block write to `target` through connection (or open) `conn`.
+fn write_to(
+    target: &str,
+    conn: u64,
+    id: u64,
+    worker: u32,
+    block: u64,
+    t: (f64, f64),
+    outcome: Outcome,
+) -> OpRecord {
     let kind = OpKind::BlockWrite {
+        target: target.into(),
         block,
         op_id: id,
         crc: 0,
         fua: false,
+        conn,
     };
     op(id, worker, 1, kind, t, outcome)
 }
 
 fn flush(id: u64, worker: u32, t: (f64, f64)) -> OpRecord {
-    op(id, worker, 1, OpKind::Flush, t, Outcome::Ok)
+    flush_of("", 0, id, worker, t)
+}
+
+fn flush_of(target: &str, conn: u64, id: u64, worker: u32, t: (f64, f64)) -> OpRecord {
+    let kind = OpKind::Flush {
+        target: target.into(),
+        conn,
+    };
+    op(id, worker, 1, kind, t, Outcome::Ok)
 }
 
 fn read(id: u64, block: u64, observed: u64, t: (f64, f64), final_check: bool) -> OpRecord {
+    read_of("", id, block, observed, t, final_check)
+}
+
+fn read_of(
+    target: &str,
+    id: u64,
+    block: u64,
+    observed: u64,
+    t: (f64, f64),
+    final_check: bool,
+) -> OpRecord {
     let kind = OpKind::BlockRead {
+        target: target.into(),
         block,
         observed,
         crc_ok: true,
         final_check,
     };
     op(id, 9, 2, kind, t, Outcome::Ok)
+}
+
+fn unlink(id: u64, target: &str, t: (f64, f64), outcome: Outcome) -> OpRecord {
+    let kind = OpKind::Namespace {
+        action: "unlink".into(),
+        name: target.into(),
+    };
+    let mut o = op(id, 1, 1, kind, t, outcome);
+    o.workload = "fuse".into();
+    o
 }
 
 fn acquire(
@@ -173,6 +219,7 @@ fn a_stale_read_after_a_flush_is_caught() {
         9,
         2,
         OpKind::BlockRead {
+            target: String::new(),
             block: 3,
             observed: 3,
             crc_ok: false,
@@ -189,6 +236,122 @@ fn a_stale_read_after_a_flush_is_caught() {
     misdirected.push(write(7, 1, 4, (0.9, 1.0), Outcome::Ok));
     misdirected.push(read(8, 3, 7, (1.1, 1.2), false));
     assert_caught(&checker::no_stale_read(&misdirected), "misdirected data");
+}
+
+/// The nbd workload's shapes: an export (target) written through one connection, whose
+/// writes are refused after a migration, then through the new owner's connection.
+#[test]
+fn nbd_handoff_histories_catch_refused_writes_that_land_and_scope_flushes_by_connection() {
+    let e = "chaos-nbd-1/w0.img";
+    let base = vec![
+        write_to(e, 1, 1, 0, 4, (0.0, 0.1), Outcome::Ok),
+        flush_of(e, 1, 2, 0, (0.1, 0.2)),
+        // Migrated: the old connection's write is refused, its flush still answers.
+        write_to(e, 1, 3, 0, 4, (0.3, 0.4), Outcome::Failed),
+        flush_of(e, 1, 4, 0, (0.4, 0.5)),
+        // The new owner's connection.
+        write_to(e, 2, 5, 0, 4, (0.6, 0.7), Outcome::Ok),
+        flush_of(e, 2, 6, 0, (0.7, 0.8)),
+    ];
+    let mut good = base.clone();
+    good.push(read_of(e, 7, 4, 5, (1.0, 1.1), false));
+    good.push(read_of(e, 8, 4, 5, (5.0, 5.1), true));
+    assert_clean(&checker::no_stale_read(&good));
+    assert_clean(&checker::no_lost_write(&good));
+
+    // The refused write shows up later: caught, during the run and after healing.
+    let mut zombie = base.clone();
+    zombie.push(read_of(e, 7, 4, 3, (1.0, 1.1), false));
+    zombie.push(read_of(e, 8, 4, 3, (5.0, 5.1), true));
+    assert_caught(
+        &checker::no_stale_read(&zombie),
+        "a refused write read back",
+    );
+    assert_caught(
+        &checker::no_lost_write(&zombie),
+        "a refused write that landed",
+    );
+
+    // Op 5 was flushed on its connection: the old data after it is lost.
+    let mut lost = base.clone();
+    lost.push(read_of(e, 8, 4, 1, (5.0, 5.1), true));
+    assert_caught(
+        &checker::no_lost_write(&lost),
+        "a write lost across the handoff",
+    );
+
+    // A write acknowledged on a connection that then died unflushed is not made durable
+    // by a flush on the next connection: losing it is allowed.
+    let crash = vec![
+        write_to(e, 1, 1, 0, 4, (0.0, 0.1), Outcome::Ok),
+        flush_of(e, 1, 2, 0, (0.1, 0.2)),
+        write_to(e, 1, 3, 0, 4, (0.3, 0.4), Outcome::Ok),
+        flush_of(e, 2, 4, 0, (0.6, 0.7)),
+        read_of(e, 5, 4, 1, (5.0, 5.1), true),
+    ];
+    assert_clean(&checker::no_lost_write(&crash));
+
+    // Registers are per export: block 4 of another export is another register, and data
+    // of one export seen in the other is misdirected.
+    let f = "chaos-nbd-1/w1.img";
+    let mut two = good.clone();
+    two.push(write_to(f, 1, 9, 1, 4, (0.2, 0.3), Outcome::Ok));
+    two.push(flush_of(f, 1, 10, 1, (0.3, 0.4)));
+    two.push(read_of(f, 11, 4, 9, (5.0, 5.1), true));
+    assert_clean(&checker::no_lost_write(&two));
+    let mut crossed = two.clone();
+    crossed.push(read_of(e, 12, 4, 9, (5.2, 5.3), false));
+    assert_caught(&checker::no_stale_read(&crossed), "another export's data");
+    let mut unread = good.clone();
+    unread.push(write_to(f, 1, 9, 1, 4, (0.2, 0.3), Outcome::Ok));
+    unread.push(flush_of(f, 1, 10, 1, (0.3, 0.4)));
+    assert_caught(
+        &checker::no_lost_write(&unread),
+        "an export never read back",
+    );
+}
+
+/// The fuse workload's shapes: each file a target, each open a connection, `fsync`
+/// durable for that file only, removed files exempt from the read-back.
+#[test]
+fn fuse_histories_scope_fsync_to_the_file_and_exempt_only_removed_files() {
+    let (a, b) = ("chaos-fuse-1/w0-1", "chaos-fuse-1/w0-2");
+    let base = vec![
+        write_to(a, 1, 1, 0, 0, (0.0, 0.1), Outcome::Ok),
+        flush_of(a, 1, 2, 0, (0.1, 0.2)),
+        write_to(b, 2, 3, 0, 0, (0.3, 0.4), Outcome::Ok),
+        // An fsync of file a through a later open does not cover file b.
+        flush_of(a, 2, 4, 0, (0.4, 0.5)),
+    ];
+    let mut ok = base.clone();
+    ok.push(read_of(a, 5, 0, 1, (0.6, 0.7), false));
+    ok.push(read_of(b, 6, 0, 0, (0.6, 0.7), false));
+    ok.push(read_of(a, 7, 0, 1, (5.0, 5.1), true));
+    assert_clean(&checker::no_stale_read(&ok));
+    assert_clean(&checker::no_lost_write(&ok));
+
+    // Another node reads file a after its fsync and close and sees nothing.
+    let mut stale = base.clone();
+    stale.push(read_of(a, 5, 0, 0, (0.6, 0.7), false));
+    assert_caught(
+        &checker::no_stale_read(&stale),
+        "a stale read of an fsynced file",
+    );
+
+    // File a removed: no read-back needed; kept but never read back: caught.
+    let mut removed = base.clone();
+    removed.push(unlink(5, a, (1.0, 1.1), Outcome::Ok));
+    assert_clean(&checker::no_lost_write(&removed));
+    let mut kept = base.clone();
+    kept.push(unlink(5, a, (1.0, 1.1), Outcome::Failed));
+    assert_caught(
+        &checker::no_lost_write(&kept),
+        "a kept file never read back",
+    );
+    // An unlink whose outcome is unknown may have removed it.
+    let mut maybe = base.clone();
+    maybe.push(unlink(5, a, (1.0, 1.1), Outcome::Indeterminate));
+    assert_clean(&checker::no_lost_write(&maybe));
 }
 
 #[test]
@@ -452,9 +615,9 @@ proptest! {
     ) {
         let recs: Vec<OpRecord> = ops.iter().enumerate().map(|(i, (k, b, t, at, len, o))| {
             let kind = match k {
-                0 => OpKind::BlockWrite { block: *b, op_id: i as u64 + 1, crc: 0, fua: *t % 2 == 0 },
-                1 => OpKind::BlockRead { block: *b, observed: *t, crc_ok: true, final_check: *t % 2 == 0 },
-                2 => OpKind::Flush,
+                0 => OpKind::BlockWrite { target: format!("t{}", t % 2), block: *b, op_id: i as u64 + 1, crc: 0, fua: *t % 2 == 0, conn: *t % 3 },
+                1 => OpKind::BlockRead { target: format!("t{}", b % 2), block: *b, observed: *t, crc_ok: true, final_check: *t % 2 == 0 },
+                2 => OpKind::Flush { target: if *b == 0 { String::new() } else { format!("t{}", b % 2) }, conn: *t % 3 },
                 3 => OpKind::LockAcquire { key: format!("k{b}"), token: Some(*t) },
                 4 => OpKind::LockValidate { key: format!("k{b}"), token: *t },
                 _ => OpKind::FencedWrite { ino: *b, token: *t, file_block: 0 },
@@ -487,7 +650,12 @@ fn ci_shape() -> ScheduleShape {
     }
 }
 
-const KINDS: [FaultKind; 3] = [FaultKind::Kill, FaultKind::Pause, FaultKind::Leader];
+const KINDS: [FaultKind; 4] = [
+    FaultKind::Kill,
+    FaultKind::Pause,
+    FaultKind::Leader,
+    FaultKind::Migrate,
+];
 
 /// The first two seeds from 1 whose schedules together hit with every kind.
 fn ci_seeds(run_s: f64) -> [u64; 2] {
@@ -511,6 +679,7 @@ fn ci_seeds(run_s: f64) -> [u64; 2] {
 fn options(seed: u64, dir: &Path, keep: Option<PathBuf>) -> ChaosOptions {
     let mut o = ChaosOptions::new(3, Duration::from_secs(20), seed);
     o.faults = KINDS.to_vec();
+    o.workloads = WorkloadKind::ALL.to_vec();
     o.csvd = common::csvd_bin();
     o.shape = ci_shape();
     o.history = Some(dir.join(format!("chaos-{seed}.jsonl")));
@@ -560,6 +729,17 @@ async fn short_chaos_runs_on_three_nodes_are_valid_and_recheck_identically() {
             "seed {seed}: too little work: {:?}",
             report.ops
         );
+        // The block checkers had block writes and reads to check, from both workloads.
+        for w in ["nbd", "fuse"] {
+            let ok = report.ops_by_workload.get(w).map_or(0, |c| c.ok);
+            assert!(ok > 50, "seed {seed}: workload {w} did too little: {ok} ok");
+        }
+        for c in ["no-lost-write", "no-stale-read"] {
+            assert!(
+                !report.checkers[c].detail.starts_with("no block"),
+                "seed {seed}: {c} was vacuous"
+            );
+        }
         // The history alone gives the same verdicts.
         let again = Report::from_history(
             &History::load(Path::new(&report.history)).unwrap(),
@@ -573,9 +753,14 @@ async fn short_chaos_runs_on_three_nodes_are_valid_and_recheck_identically() {
 }
 
 #[tokio::test]
-async fn fault_kinds_and_workloads_of_later_builds_are_refused_before_anything_starts() {
+async fn fault_kinds_of_later_builds_and_migrate_without_nbd_are_refused_before_anything_starts() {
     let dir = tempfile::tempdir().unwrap();
-    for kind in [FaultKind::Partition, FaultKind::SanHang, FaultKind::Migrate] {
+    for kind in [
+        FaultKind::Partition,
+        FaultKind::SanDown,
+        FaultKind::SanHang,
+        FaultKind::SanFlaky,
+    ] {
         let mut o = options(1, dir.path(), None);
         o.faults = vec![FaultKind::Kill, kind];
         let e = chaos::run(&o).await.expect_err("must be refused");
@@ -587,8 +772,14 @@ async fn fault_kinds_and_workloads_of_later_builds_are_refused_before_anything_s
         );
     }
     let mut o = options(1, dir.path(), None);
-    o.workloads = vec![csvd::chaos::workload::WorkloadKind::Nbd];
-    assert!(matches!(chaos::run(&o).await, Err(ChaosError::Workload(_))));
+    o.workloads = vec![WorkloadKind::Meta, WorkloadKind::Fuse];
+    let e = chaos::run(&o)
+        .await
+        .expect_err("migrate needs the nbd workload");
+    assert!(
+        matches!(&e, ChaosError::Options(m) if m.contains("nbd")),
+        "{e:#}"
+    );
     assert_eq!(
         std::fs::read_dir(dir.path()).unwrap().count(),
         0,

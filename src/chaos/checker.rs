@@ -94,70 +94,94 @@ pub fn check_all(h: &History) -> BTreeMap<String, Verdict> {
 
 // ---- block register: no lost write, no stale read ----------------------------------------
 
+/// A block register: (target, block).
+type Reg<'a> = (&'a str, u64);
+
+fn reg_name((target, block): Reg<'_>) -> String {
+    if target.is_empty() {
+        format!("block {block}")
+    } else {
+        format!("block {block} of {target}")
+    }
+}
+
 struct BlockWrite<'a> {
     rec: &'a OpRecord,
     op_id: u64,
     /// When the write is certainly durable and visible to every reader (an acknowledged
     /// FUA write, or an acknowledged write followed by an acknowledged flush of the same
-    /// worker); `f64::INFINITY` if never.
+    /// worker, connection and target); `f64::INFINITY` if never.
     durable_s: f64,
 }
 
-/// Block writes by block, with their durability times.
-fn block_writes(ops: &[OpRecord]) -> BTreeMap<u64, Vec<BlockWrite<'_>>> {
-    let mut flushes: BTreeMap<(String, u32), Vec<(f64, f64)>> = BTreeMap::new();
+/// Block writes by register, with their durability times.
+fn block_writes(ops: &[OpRecord]) -> BTreeMap<Reg<'_>, Vec<BlockWrite<'_>>> {
+    // Ok flushes by (workload, worker, conn): (target, invoke, return).
+    type Scope<'a> = (&'a str, u32, u64);
+    let mut flushes: BTreeMap<Scope<'_>, Vec<(&str, f64, f64)>> = BTreeMap::new();
     for o in ops {
-        if o.kind == OpKind::Flush && o.outcome == Outcome::Ok {
+        if let OpKind::Flush { target, conn } = &o.kind
+            && o.outcome == Outcome::Ok
+        {
             flushes
-                .entry((o.workload.clone(), o.worker))
+                .entry((o.workload.as_str(), o.worker, *conn))
                 .or_default()
-                .push((o.invoke_s, o.return_s));
+                .push((target.as_str(), o.invoke_s, o.return_s));
         }
     }
-    let mut out: BTreeMap<u64, Vec<BlockWrite<'_>>> = BTreeMap::new();
+    let mut out: BTreeMap<Reg<'_>, Vec<BlockWrite<'_>>> = BTreeMap::new();
     for o in ops {
         let OpKind::BlockWrite {
-            block, op_id, fua, ..
-        } = o.kind
+            target,
+            block,
+            op_id,
+            fua,
+            conn,
+            ..
+        } = &o.kind
         else {
             continue;
         };
         let durable_s = if o.outcome != Outcome::Ok {
             f64::INFINITY
-        } else if fua {
+        } else if *fua {
             o.return_s
         } else {
             flushes
-                .get(&(o.workload.clone(), o.worker))
+                .get(&(o.workload.as_str(), o.worker, *conn))
                 .into_iter()
                 .flatten()
-                .filter(|(inv, _)| *inv >= o.return_s)
-                .map(|(_, ret)| *ret)
+                .filter(|(t, inv, _)| (t.is_empty() || t == target) && *inv >= o.return_s)
+                .map(|(_, _, ret)| *ret)
                 .fold(f64::INFINITY, f64::min)
         };
-        out.entry(block).or_default().push(BlockWrite {
-            rec: o,
-            op_id,
-            durable_s,
-        });
+        out.entry((target.as_str(), *block))
+            .or_default()
+            .push(BlockWrite {
+                rec: o,
+                op_id: *op_id,
+                durable_s,
+            });
     }
     out
 }
 
-/// Problems with one ok read of `block` that observed `observed`: corrupt, phantom,
+/// Problems with one ok read of `reg` that observed `observed`: corrupt, phantom,
 /// misdirected, from the future, of a failed write, or older than a durable write that
 /// completed before the read began.
 fn read_problems(
     read: &OpRecord,
-    block: u64,
+    reg: Reg<'_>,
     observed: u64,
     crc_ok: bool,
-    writes: &BTreeMap<u64, Vec<BlockWrite<'_>>>,
+    writes: &BTreeMap<Reg<'_>, Vec<BlockWrite<'_>>>,
 ) -> Option<String> {
-    let here = writes.get(&block).map(Vec::as_slice).unwrap_or(&[]);
+    let here = writes.get(&reg).map(Vec::as_slice).unwrap_or(&[]);
     let at = format!(
-        "read op {} of block {block} at {:.3}s",
-        read.id, read.invoke_s
+        "read op {} of {} at {:.3}s",
+        read.id,
+        reg_name(reg),
+        read.invoke_s
     );
     if !crc_ok {
         return Some(format!(
@@ -183,14 +207,20 @@ fn read_problems(
         let elsewhere = writes
             .iter()
             .find(|(_, ws)| ws.iter().any(|w| w.op_id == observed))
-            .map(|(b, _)| *b);
+            .map(|(r, _)| *r);
         return Some(match elsewhere {
-            Some(b) => format!("{at}: misdirected data (op {observed} was written to block {b})"),
+            Some(r) => format!(
+                "{at}: misdirected data (op {observed} was written to {})",
+                reg_name(r)
+            ),
             None => format!("{at}: phantom data (op {observed} was never written)"),
         });
     };
     if w.rec.outcome == Outcome::Failed {
-        return Some(format!("{at}: observed op {observed}, a write that failed"));
+        return Some(format!(
+            "{at}: observed op {observed}, a write that failed ({})",
+            w.rec.detail
+        ));
     }
     if w.rec.invoke_s > read.return_s {
         return Some(format!(
@@ -207,50 +237,72 @@ fn read_problems(
     })
 }
 
+/// Ok block reads: (record, register, observed, crc_ok).
 fn block_reads(
     ops: &[OpRecord],
     final_check: bool,
-) -> impl Iterator<Item = (&OpRecord, u64, u64, bool)> {
-    ops.iter().filter_map(move |o| match o.kind {
+) -> impl Iterator<Item = (&OpRecord, Reg<'_>, u64, bool)> {
+    ops.iter().filter_map(move |o| match &o.kind {
         OpKind::BlockRead {
+            target,
             block,
             observed,
             crc_ok,
             final_check: f,
-        } if f == final_check && o.outcome == Outcome::Ok => Some((o, block, observed, crc_ok)),
+        } if *f == final_check && o.outcome == Outcome::Ok => {
+            Some((o, (target.as_str(), *block), *observed, *crc_ok))
+        }
         _ => None,
     })
 }
 
+/// Targets removed by an `unlink` that was not certainly refused: their blocks need no
+/// read-back after healing (there is nothing left to read).
+fn retired(ops: &[OpRecord]) -> BTreeSet<&str> {
+    ops.iter()
+        .filter(|o| o.outcome != Outcome::Failed)
+        .filter_map(|o| match &o.kind {
+            OpKind::Namespace { action, name } if action == "unlink" => Some(name.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
 /// No acknowledged (durable) write is lost: the read-back after healing of every written
 /// block returns the newest durable write or a write concurrent with or newer than it.
+/// Blocks of a target that was removed during the run are exempt from the read-back.
 pub fn no_lost_write(ops: &[OpRecord]) -> Verdict {
     let writes = block_writes(ops);
     if writes.is_empty() {
         return Verdict::ok("no block writes in this history (no nbd or fuse workload ran)");
     }
+    let gone = retired(ops);
     let mut problems = Vec::new();
     let mut verified = BTreeSet::new();
-    for (r, block, observed, crc_ok) in block_reads(ops, true) {
-        verified.insert(block);
-        problems.extend(read_problems(r, block, observed, crc_ok, &writes));
+    for (r, reg, observed, crc_ok) in block_reads(ops, true) {
+        verified.insert(reg);
+        problems.extend(read_problems(r, reg, observed, crc_ok, &writes));
     }
-    let durable: Vec<u64> = writes
+    let durable: Vec<Reg<'_>> = writes
         .iter()
         .filter(|(_, ws)| ws.iter().any(|w| w.durable_s.is_finite()))
-        .map(|(b, _)| *b)
+        .map(|(r, _)| *r)
         .collect();
-    for b in &durable {
-        if !verified.contains(b) {
+    let mut removed = 0;
+    for r in &durable {
+        if gone.contains(r.0) {
+            removed += 1;
+        } else if !verified.contains(r) {
             problems.push(format!(
-                "block {b} has durable writes but was never read back"
+                "{} has durable writes but was never read back",
+                reg_name(*r)
             ));
         }
     }
     if problems.is_empty() {
         Verdict::ok(format!(
-            "{} blocks with durable writes read back intact ({} writes)",
-            durable.len(),
+            "{} blocks with durable writes read back intact, {removed} more removed with their files ({} writes)",
+            durable.len() - removed,
             writes.values().map(Vec::len).sum::<usize>()
         ))
     } else {
@@ -264,9 +316,9 @@ pub fn no_stale_read(ops: &[OpRecord]) -> Verdict {
     let writes = block_writes(ops);
     let mut problems = Vec::new();
     let mut n = 0;
-    for (r, block, observed, crc_ok) in block_reads(ops, false) {
+    for (r, reg, observed, crc_ok) in block_reads(ops, false) {
         n += 1;
-        problems.extend(read_problems(r, block, observed, crc_ok, &writes));
+        problems.extend(read_problems(r, reg, observed, crc_ok, &writes));
     }
     if problems.is_empty() {
         Verdict::ok(if n == 0 {

@@ -71,31 +71,52 @@ pub enum OpKind {
         token: u64,
         file_block: u64,
     },
-    /// A namespace change (`create`, `rename`, `unlink`) of `name`.
+    /// A namespace change (`create`, `rename`, `unlink`) of `name`. For files written
+    /// with block writes, `name` is their `target`: an `unlink` that was not certainly
+    /// refused retires the target's blocks from the read-back after healing.
     Namespace { action: String, name: String },
     /// A self-describing block write: the block carries `op_id` and the crc32c of its
-    /// payload. `fua`: durable when acknowledged.
+    /// payload. `fua`: durable when acknowledged. A block register is named by
+    /// (`target`, `block`): `target` is the export or file written (empty in histories of
+    /// a single target); `conn` is the connection or open file it went through (the scope
+    /// of a [`OpKind::Flush`]).
     BlockWrite {
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        target: String,
         block: u64,
         op_id: u64,
         crc: u32,
         fua: bool,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        conn: u64,
     },
     /// A block read: the op id found in the block header (0: never written), and
     /// whether the payload matched the crc32c in the header. `final_check`: the read-back
     /// after healing.
     BlockRead {
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        target: String,
         block: u64,
         observed: u64,
         crc_ok: bool,
         final_check: bool,
     },
-    /// A flush: every write this worker had completed before is durable once it is ok.
-    Flush,
+    /// A flush (NBD FLUSH, `fsync`): once ok, every write this worker had completed before
+    /// it on the same `conn` to `target` (to any target if empty) is durable.
+    Flush {
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        target: String,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        conn: u64,
+    },
     /// Reserve free blocks to the worker's node session.
     Reserve { blocks: u64 },
     /// Give reserved blocks back to the pool.
     Unreserve { blocks: u64 },
+}
+
+fn is_zero(x: &u64) -> bool {
+    *x == 0
 }
 
 /// One client operation.
@@ -124,6 +145,9 @@ pub struct FaultRecord {
     pub end_s: f64,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub detail: String,
+    /// The stall the fault itself measured (a migration's handoff time), if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stall_s: Option<f64>,
 }
 
 /// The first line of a history.
@@ -400,6 +424,7 @@ mod tests {
             worker: 0,
             node: 1,
             kind: OpKind::BlockRead {
+                target: "vm1.img".into(),
                 block: 3,
                 observed: 9,
                 crc_ok: false,
@@ -416,6 +441,7 @@ mod tests {
             start_s: 0.5,
             end_s: 0.9,
             detail: String::new(),
+            stall_s: None,
         });
         rec.final_state(FinalState {
             converge_s: Some(0.25),
@@ -428,6 +454,41 @@ mod tests {
         assert_eq!(mem, disk);
         assert_eq!(disk.ops.len(), 2);
         assert!(disk.final_state.is_some());
+    }
+
+    #[test]
+    fn records_of_older_histories_still_read() {
+        let w: Entry = serde_json::from_str(
+            r#"{"type":"op","id":1,"workload":"nbd","worker":0,"node":1,"op":"block_write","block":2,"op_id":1,"crc":5,"fua":false,"invoke_s":0.0,"return_s":0.1,"outcome":"ok"}"#,
+        )
+        .unwrap();
+        let Entry::Op(w) = w else { panic!() };
+        assert_eq!(
+            w.kind,
+            OpKind::BlockWrite {
+                target: String::new(),
+                block: 2,
+                op_id: 1,
+                crc: 5,
+                fua: false,
+                conn: 0
+            }
+        );
+        let f: Entry = serde_json::from_str(
+            r#"{"type":"op","id":2,"workload":"nbd","worker":0,"node":1,"op":"flush","invoke_s":0.1,"return_s":0.2,"outcome":"ok"}"#,
+        )
+        .unwrap();
+        let Entry::Op(f) = f else { panic!() };
+        assert_eq!(
+            f.kind,
+            OpKind::Flush {
+                target: String::new(),
+                conn: 0
+            }
+        );
+        // And the new fields are written only when set.
+        let line = serde_json::to_string(&f).unwrap();
+        assert!(!line.contains("conn") && !line.contains("target"), "{line}");
     }
 
     #[test]

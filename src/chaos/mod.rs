@@ -5,6 +5,7 @@
 //! - [`schedule`]: fault kinds and the deterministic schedule from a seed;
 //! - [`nemesis`]: what injects and heals each fault kind;
 //! - [`workload`]: the clients, recording every operation;
+//! - [`block`]: the self-describing block the nbd and fuse workloads write;
 //! - [`history`]: the recorded run (JSON lines), re-checkable offline;
 //! - [`checker`]: pure verdicts over a history;
 //! - [`report`]: counts, faults with their stalls, verdicts.
@@ -13,6 +14,7 @@
 //! is known to be available; every injected fault is healed before the final state is
 //! gathered; the verdict is computed from the history file's content alone.
 
+pub mod block;
 pub mod checker;
 pub mod history;
 pub mod nemesis;
@@ -130,6 +132,11 @@ pub async fn run(opts: &ChaosOptions) -> Result<Report, ChaosError> {
         )));
     }
     // Refuse what this build cannot do before anything starts.
+    if opts.faults.contains(&FaultKind::Migrate) && !opts.workloads.contains(&WorkloadKind::Nbd) {
+        return Err(ChaosError::Options(
+            "the migrate fault moves the nbd workload's exports: add nbd to --workload".into(),
+        ));
+    }
     let mut nemeses = nemesis::registry(&opts.faults).map_err(ChaosError::Faults)?;
     let workloads = opts
         .workloads
@@ -235,6 +242,10 @@ async fn run_on(
         dir: ctl.dir.clone(),
         source: e.into(),
     })?;
+    let client = ctl.file.client().map_err(|e| ChaosError::Cluster {
+        dir: ctl.dir.clone(),
+        source: e.into(),
+    })?;
     let env = Arc::new(WorkloadEnv {
         nodes: ctl
             .file
@@ -242,6 +253,19 @@ async fn run_on(
             .iter()
             .map(|n| (n.id, n.rpc.clone()))
             .collect(),
+        nbd: ctl
+            .file
+            .nodes
+            .iter()
+            .map(|n| (n.id, n.nbd.clone()))
+            .collect(),
+        mounts: ctl
+            .file
+            .nodes
+            .iter()
+            .map(|n| (n.id, n.mount.clone()))
+            .collect(),
+        client,
         key,
         recorder: rec.clone(),
         seed: opts.seed,
@@ -275,7 +299,11 @@ async fn run_on(
             continue;
         };
         let start_s = rec.now();
-        let (node, detail) = match nem.inject(f, ctl).await {
+        let (node, detail, stall_s) = match nem.inject(f, ctl).await {
+            // An instantaneous fault (a migration): done when inject returns.
+            Ok(active) if active.stall_s.is_some() => {
+                (active.node, active.note.clone(), active.stall_s)
+            }
             Ok(active) => {
                 wait(Instant::now() + Duration::from_secs_f64(f.duration_s)).await;
                 let healed = nem.heal(&active, ctl).await;
@@ -283,9 +311,9 @@ async fn run_on(
                 if let Err(e) = healed {
                     detail.push_str(&format!("; heal failed: {e}"));
                 }
-                (active.node, detail)
+                (active.node, detail, None)
             }
-            Err(e) => (f.node, format!("not injected: {e}")),
+            Err(e) => (f.node, format!("not injected: {e}"), None),
         };
         rec.fault(FaultRecord {
             kind: f.kind.name().into(),
@@ -293,6 +321,7 @@ async fn run_on(
             start_s,
             end_s: rec.now(),
             detail,
+            stall_s,
         });
     }
     if !wait(base + opts.duration).await {

@@ -38,7 +38,8 @@ pub struct FaultReport {
     pub node: Option<u64>,
     pub start_s: f64,
     pub end_s: f64,
-    /// The longest stall any workload saw in this fault's window.
+    /// The stall the fault measured itself (a migration's handoff), else the longest
+    /// stall any workload saw in this fault's window.
     pub stall_s: f64,
     pub stall_by_workload: BTreeMap<String, f64>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -121,7 +122,9 @@ impl Report {
                     node: f.node,
                     start_s: f.start_s,
                     end_s: f.end_s,
-                    stall_s: stall_by_workload.values().copied().fold(0.0, f64::max),
+                    stall_s: f
+                        .stall_s
+                        .unwrap_or_else(|| stall_by_workload.values().copied().fold(0.0, f64::max)),
                     stall_by_workload,
                     detail: f.detail.clone(),
                 }
