@@ -663,6 +663,25 @@ fn print_next_steps(dir: &std::path::Path, c: &ClusterFile, detach: bool) {
     println!("  csvctl --cluster {d} status          # leader, roles, SAN path per node");
     println!("  csvctl --cluster {d} locks           # locks and fencing tokens");
     println!("  csvctl --cluster {d} lock acquire vm1 --node 1");
+    if let (Some(n1), Some(n2)) = (c.nodes.first(), c.nodes.get(1)) {
+        let m = n1.mount.display();
+        println!("VM disks live on the mounts and are served over NBD by every node:");
+        println!("  mkdir -p {m}/vms && qemu-img create -f vpc {m}/vms/vm1.vhd 20G");
+        println!(
+            "  qemu-io -f raw -c 'write -P 0xab 0 1M' nbd://{}/vms/vm1.vhd",
+            n1.nbd
+        );
+        println!(
+            "  qemu-io -f raw -c 'read -P 0xab 0 1M' nbd://{}/vms/vm1.vhd",
+            n2.nbd
+        );
+        println!("  csvctl --cluster {d} export list");
+        println!(
+            "  csvctl --cluster {d} migrate vms/vm1.vhd --to {}   # live-migration handoff",
+            n2.id
+        );
+        println!("  csvctl --cluster {d} chaos --duration 60s           # fault-injection check");
+    }
     if detach {
         println!("  csvctl cluster down --dir {d}        # stop everything");
     } else {
