@@ -30,6 +30,9 @@ use lockmgr::types::{Op, Response};
 
 use crate::config::NodeConfig;
 
+/// Bound of each step of a graceful stop (SIGTERM); `cluster down` waits 20 s in all.
+const STOP_STEP: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Runs one node until it is told to stop.
 pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let secret = std::fs::read(&cfg.secret_file)
@@ -106,7 +109,12 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
 
     wait_for_stop(&node).await;
     tracing::info!("stopping: unmounting, releasing locks and leaving");
-    nbd.shutdown().await;
+    // Each step is bounded: the last nodes of a cluster going down have no quorum left,
+    // and a stopping node must still exit (what it could not write back was never
+    // acknowledged as durable, and its reservations return to the pool with its session).
+    if tokio::time::timeout(STOP_STEP, nbd.shutdown()).await.is_err() {
+        tracing::warn!("NBD connections did not drain in {STOP_STEP:?}");
+    }
     if let Some(m) = mount {
         match tokio::task::spawn_blocking(move || m.unmount()).await {
             Ok(Ok(())) => {}
@@ -114,8 +122,10 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             Err(e) => tracing::warn!(error = %e, "unmount task failed"),
         }
     }
-    if let Err(e) = volume.shutdown().await {
-        tracing::warn!(error = %e, "volume write-back on shutdown failed");
+    match tokio::time::timeout(STOP_STEP * 2, volume.shutdown()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "volume write-back on shutdown failed"),
+        Err(_) => tracing::warn!("volume write-back did not finish (no metadata quorum?)"),
     }
     node.shutdown().await;
     Ok(())
