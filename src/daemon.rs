@@ -112,7 +112,10 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     // Each step is bounded: the last nodes of a cluster going down have no quorum left,
     // and a stopping node must still exit (what it could not write back was never
     // acknowledged as durable, and its reservations return to the pool with its session).
-    if tokio::time::timeout(STOP_STEP, nbd.shutdown()).await.is_err() {
+    if tokio::time::timeout(STOP_STEP, nbd.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("NBD connections did not drain in {STOP_STEP:?}");
     }
     if let Some(m) = mount {
