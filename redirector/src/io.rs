@@ -23,8 +23,8 @@
 //! - `discard` is dropped (the [`Lun`] contract makes it advisory): a discard with an unknown
 //!   outcome could land after newer data and zero it, and the ledger only knows data writes;
 //! - a flush goes to the current route; every path reaches the same array cache, so it covers
-//!   writes acknowledged on any path. It does not wait for unresolved ghosts (see
-//!   `docs/fencing.md`).
+//!   writes acknowledged on any path. It does not wait for unresolved ghosts; `settle` does
+//!   (the volume settles before a data lock moves to another node, see `docs/fencing.md`).
 //!
 //! [`PeerService`] is the other side: it executes requests from peers on this node's own SAN path
 //! (never redirecting them again), verifies the payload crc32c and the fencing token, answers
@@ -949,6 +949,31 @@ impl Lun for RedirectingLun {
 
     fn flush(&self) -> LunFuture<'_, ()> {
         Box::pin(self.inner.flush())
+    }
+
+    /// Waits until no ghost write is unresolved and no rewrite is in flight, then flushes:
+    /// once it returns, no write of this node can land late over another node's newer data.
+    /// Bounded by `pause_bound_ms`: past it, fails with `Timeout`, and the caller keeps its
+    /// lock (a stall, never a rollback).
+    fn settle(&self) -> LunFuture<'_, ()> {
+        Box::pin(async move {
+            let bound = Duration::from_millis(self.inner.cfg.policy.pause_bound_ms);
+            let deadline = tokio::time::Instant::now() + bound;
+            loop {
+                let (ghosts, rewrites) = self.ghosts();
+                if ghosts == 0 && rewrites == 0 {
+                    break;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(LunError::Timeout {
+                        op: "settle (unresolved ghost writes)",
+                        ms: bound.as_millis() as u64,
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            self.inner.flush().await
+        })
     }
 
     /// Dropped: see the module docs.

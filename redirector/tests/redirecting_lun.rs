@@ -701,3 +701,35 @@ async fn an_idle_node_learns_from_its_periodic_probe_that_its_path_is_gone_or_hu
     .await;
     c.fault(2).release();
 }
+
+#[tokio::test(start_paused = true)]
+async fn settle_waits_for_unresolved_ghosts_before_a_lock_may_move() {
+    let c = Cluster::new(2, Arc::new(NoFence));
+    c.fault(1).hang();
+    c.lun(1).write_at(0, block(7), false).await.unwrap();
+    assert_eq!(c.lun(1).ghosts().0, 1, "a ghost is unresolved");
+    // While the ghost can still land, settle must not return Ok.
+    let lun = c.lun(1).clone();
+    let settle = tokio::spawn(async move { lun.settle().await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !settle.is_finished(),
+        "settle returned with a ghost unresolved"
+    );
+    // The path resumes: the ghost resolves, is rewritten with the newest data, and only
+    // then does settle finish.
+    c.fault(1).release();
+    settle.await.unwrap().unwrap();
+    assert_eq!(c.lun(1).ghosts(), (0, 0));
+    assert_eq!(tag(&disk_block(&c, 0).await), Some(7));
+}
+
+#[tokio::test(start_paused = true)]
+async fn settle_gives_up_after_the_pause_bound_so_the_caller_keeps_its_lock() {
+    let c = Cluster::new(2, Arc::new(NoFence));
+    c.fault(1).hang();
+    c.lun(1).write_at(0, block(8), false).await.unwrap();
+    let err = c.lun(1).settle().await.unwrap_err();
+    assert!(matches!(err, LunError::Timeout { .. }), "{err:?}");
+    c.fault(1).release();
+}

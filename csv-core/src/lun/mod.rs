@@ -110,6 +110,13 @@ pub trait Lun: Send + Sync + 'static {
             Ok(())
         })
     }
+    /// Makes every write acknowledged before this call durable **and final**: afterwards no
+    /// write whose outcome was unknown (a request that timed out on a hung path, a "ghost")
+    /// can still land. The volume calls it before a file's data lock moves to another node.
+    /// A backend without unknown outcomes just flushes.
+    fn settle(&self) -> LunFuture<'_, ()> {
+        self.flush()
+    }
     /// Writes on behalf of the holder of a fencing token (the file's data lock). A
     /// backend that forwards I/O to another node (the redirector) sends the token along
     /// so the peer can refuse a stale writer; direct backends ignore it.
@@ -153,6 +160,9 @@ impl<L: Lun + ?Sized> Lun for std::sync::Arc<L> {
     }
     fn flush(&self) -> LunFuture<'_, ()> {
         (**self).flush()
+    }
+    fn settle(&self) -> LunFuture<'_, ()> {
+        (**self).settle()
     }
     fn discard(&self, offset: u64, len: u64) -> LunFuture<'_, ()> {
         (**self).discard(offset, len)

@@ -525,10 +525,14 @@ impl Shared {
             if let Err(e) = self.commit(fs).await {
                 tracing::warn!(ino = fs.ino, error = %e, "write-back before a lock break failed");
             }
+            // Settle, not just flush: a write of ours with an unknown outcome (a ghost on a
+            // hung path) must not land after the next owner's writes. If it cannot settle,
+            // keep the lock: the next owner waits (a stall), nothing is rolled back.
             if self.meta.may_write()
-                && let Err(e) = self.lun.flush().await
+                && let Err(e) = self.lun.settle().await
             {
-                tracing::warn!(ino = fs.ino, error = %e, "LUN flush before a lock break failed");
+                tracing::warn!(ino = fs.ino, error = %e, "LUN not settled; keeping the data lock");
+                return;
             }
         }
         if let Err(e) = self
