@@ -182,8 +182,9 @@ impl Worker {
         outcome
     }
 
-    /// Writes `blocks` of `label` through an open of `path` on `node`, then fsyncs; the
-    /// blocks whose writes may have landed are added to `written`.
+    /// Writes `blocks` of `label` through `file` (a fresh open on `node`, hence a new
+    /// `conn`) until one fails, then fsyncs; the blocks it wrote to (whatever the outcome)
+    /// are added to `written`, for the read-back.
     async fn write_blocks(
         &mut self,
         node: u64,
@@ -200,13 +201,12 @@ impl Worker {
             let f = file.clone();
             let invoke_s = self.env.recorder.now();
             let res = sys(move || f.write_all_at(&data, b * BLOCK as u64)).await;
+            // A failed pwrite may have written part of the block.
             let (outcome, detail) = match &res {
                 Ok(()) => (Outcome::Ok, String::new()),
                 Err(e) => (Outcome::Indeterminate, e.to_string()),
             };
-            if outcome != Outcome::Failed {
-                written.insert(b);
-            }
+            written.insert(b);
             let kind = OpKind::BlockWrite {
                 target: label.into(),
                 block: b,
