@@ -110,6 +110,17 @@ fn query_outcome(e: &FsError) -> Outcome {
     }
 }
 
+/// Closes `file` on the blocking pool: closing a file on a FUSE mount waits for the node
+/// (a `FLUSH`), which must never block a runtime thread. A clone still held by a call that
+/// missed its deadline closes it when that call ends.
+async fn close(file: Arc<File>) {
+    let _ = sys(move || {
+        drop(file);
+        Ok(())
+    })
+    .await;
+}
+
 /// Reads up to one block at block `b` (short at the end of the file).
 fn read_block(f: &File, b: u64) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; BLOCK];
@@ -217,6 +228,7 @@ impl Worker {
             };
             self.record(id, node, kind, invoke_s, outcome, detail);
             if res.is_err() {
+                close(file).await;
                 return;
             }
         }
@@ -232,6 +244,7 @@ impl Worker {
             conn,
         };
         self.record(id, node, kind, invoke_s, outcome, detail);
+        close(file).await;
     }
 
     /// Opens `path` for writing (creating it exclusively with `create`).
@@ -295,6 +308,9 @@ impl Worker {
             };
             self.record(id, node, kind, invoke_s, outcome, detail);
         }
+        if let Ok(f) = opened {
+            close(f).await;
+        }
         all_ok
     }
 
@@ -340,9 +356,8 @@ impl Worker {
         };
         let blocks = self.pick_blocks(6);
         let mut written = BTreeSet::new();
-        self.write_blocks(wn, file.clone(), &label, &blocks, &mut written)
+        self.write_blocks(wn, file, &label, &blocks, &mut written)
             .await;
-        drop(file);
         f.blocks = written;
 
         // Rename into place.
