@@ -23,7 +23,7 @@ use csv_core::meta::{MetaError, VolumeInfo};
 use csv_core::superblock::Superblock;
 use csv_core::volume::{MetaClient, Volume, VolumeConfig};
 use lockmgr::client::NodeMeta;
-use lockmgr::node::{MetaConfig, MetaNode};
+use lockmgr::node::{MetaConfig, MetaNode, step};
 use lockmgr::rpc::auth::ClusterKey;
 use lockmgr::rpc::message::{Query, QueryReply};
 use lockmgr::types::{Op, Response};
@@ -38,6 +38,15 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let secret = std::fs::read(&cfg.secret_file)
         .with_context(|| format!("cannot read secret file {}", cfg.secret_file.display()))?;
     let key = ClusterKey::from_secret(&secret)?;
+    // A previous incarnation's mount may still be there, its FUSE connection keeping that
+    // process (and its hold on the Raft store) alive: abort it before anything else.
+    if let Some(m) = cfg
+        .mountpoint
+        .as_ref()
+        .filter(|p| !p.as_os_str().is_empty())
+    {
+        fuse_frontend::cleanup_stale_mount(m);
+    }
 
     let opts = csv_core::lun::LunOpenOptions {
         file: csv_core::lun::FileLunOptions {
@@ -46,13 +55,16 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         },
         ..Default::default()
     };
-    let san = redirector::open_san_path(&cfg.lun, &opts)
+    let san = step("attach the LUN", redirector::open_san_path(&cfg.lun, &opts))
         .await
         .with_context(|| format!("cannot attach LUN {}", cfg.lun))?;
     let lun: Arc<dyn Lun> = san.clone();
-    let sb = csv_core::superblock::read(lun.as_ref())
-        .await
-        .with_context(|| format!("LUN {} is not usable", cfg.lun))?;
+    let sb = step(
+        "read the superblock",
+        csv_core::superblock::read(lun.as_ref()),
+    )
+    .await
+    .with_context(|| format!("LUN {} is not usable", cfg.lun))?;
     sb.verify_attach(None, lun.size())
         .with_context(|| format!("LUN {} refused", cfg.lun))?;
     tracing::info!(lun = %lun.describe(), volume = %sb.uuid_string(), "LUN attached");
@@ -83,7 +95,12 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         .context("cannot start the metadata service")?;
     tracing::info!(node = node.id(), rpc = %node.rpc_addr(), "joined the cluster");
 
-    if let Err(e) = check_volume(&node, &sb, lun.as_ref()).await {
+    if let Err(e) = step(
+        "check the volume record",
+        check_volume(&node, &sb, lun.as_ref()),
+    )
+    .await
+    {
         node.shutdown().await;
         return Err(e);
     }
@@ -91,7 +108,12 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let lun: Arc<dyn Lun> = Arc::new(crate::redirect::attach(&cfg, &node, san)?);
     tracing::info!(lun = %lun.describe(), "I/O redirector running");
 
-    let (volume, mount) = match attach_volume(&cfg, &node, lun.clone()).await {
+    let (volume, mount) = match step(
+        "open and mount the volume",
+        attach_volume(&cfg, &node, lun.clone()),
+    )
+    .await
+    {
         Ok(x) => x,
         Err(e) => {
             node.shutdown().await;
@@ -99,7 +121,12 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         }
     };
 
-    let nbd = match crate::exports::start(&node, &volume, cfg.listen.nbd).await {
+    let nbd = match step(
+        "start the NBD server",
+        crate::exports::start(&node, &volume, cfg.listen.nbd),
+    )
+    .await
+    {
         Ok(s) => s,
         Err(e) => {
             node.shutdown().await;

@@ -174,11 +174,24 @@ pub fn is_mounted(path: &Path) -> bool {
 
 /// Detaches a mount left behind by a dead process ("Transport endpoint is not
 /// connected"), if there is one.
+///
+/// The mount's FUSE connection is aborted first (`umount2` with `MNT_FORCE | MNT_DETACH`:
+/// every request waiting on it fails). A killed daemon cannot exit while one of its threads
+/// waits in the kernel on that connection (an entry invalidation waits for a directory lock
+/// that a client's request holds while it waits for the dead daemon's answer), and until it
+/// exits it keeps its files, the Raft store among them, locked.
 pub fn cleanup_stale_mount(path: &Path) {
     if !is_mounted(path) {
         return;
     }
     tracing::warn!(path = %path.display(), "removing a stale mount");
+    if let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) {
+        // SAFETY: `c` is a valid NUL-terminated path that outlives the call; umount2 has no
+        // other memory-safety preconditions.
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_FORCE | libc::MNT_DETACH) } == 0 {
+            return;
+        }
+    }
     let ok = std::process::Command::new("fusermount3")
         .arg("-u")
         .arg("-z")

@@ -276,11 +276,77 @@ impl std::fmt::Debug for MetaNode {
     }
 }
 
+/// How long a start-up step may run before it is reported as slow (and again each time).
+const SLOW_STEP: Duration = Duration::from_secs(5);
+/// How long start-up waits for a previous incarnation of this node to release its store.
+const STORE_LOCK_WAIT: Duration = Duration::from_secs(30);
+
+/// Runs one start-up step, logging when it is slow (every [`SLOW_STEP`] while it runs) and
+/// how long it took, so that a node stuck in start-up says where.
+pub async fn step<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    let started = Instant::now();
+    tokio::pin!(fut);
+    loop {
+        match tokio::time::timeout(SLOW_STEP, &mut fut).await {
+            Ok(v) => {
+                let took = started.elapsed();
+                if took >= SLOW_STEP {
+                    tracing::info!(
+                        step = what,
+                        took_ms = took.as_millis() as u64,
+                        "start-up step done"
+                    );
+                } else {
+                    tracing::debug!(
+                        step = what,
+                        took_ms = took.as_millis() as u64,
+                        "start-up step done"
+                    );
+                }
+                return v;
+            }
+            Err(_) => tracing::warn!(
+                step = what,
+                waited_s = started.elapsed().as_secs(),
+                "start-up step still running"
+            ),
+        }
+    }
+}
+
+/// Opens the Raft store, waiting (bounded) while a previous incarnation of this node still
+/// holds it: a killed process keeps its files open until its last thread has left the
+/// kernel.
+async fn open_store(
+    dir: &std::path::Path,
+) -> Result<(store::LogStore, store::StateMachineStore<VolumeState>), NodeError> {
+    let deadline = Instant::now() + STORE_LOCK_WAIT;
+    let mut warned = false;
+    loop {
+        match store::open::<VolumeState>(dir) {
+            Err(store::StoreError::Open {
+                source: redb::DatabaseError::DatabaseAlreadyOpen,
+                path,
+            }) if Instant::now() < deadline => {
+                if !warned {
+                    tracing::warn!(path = %path.display(), "the metadata store is still held by another process (a previous csvd?); waiting");
+                    warned = true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => return other.map_err(NodeError::Store),
+        }
+    }
+}
+
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 /// A forwarded write or ReadIndex unanswered this long is retried (safe: writes are
 /// exactly-once, reads idempotent); about one election timeout, so a paused leader
 /// costs little more than the election.
 const FORWARD_TIMEOUT: Duration = Duration::from_millis(1000);
+/// How long a proposal on this node may wait for its commit before it is retried (a retry
+/// is deduplicated by its origin, so it is applied at most once).
+const PROPOSE_TIMEOUT: Duration = Duration::from_secs(3);
 const WRITE_DEADLINE: Duration = Duration::from_secs(15);
 /// How long a stopping node tries to close its session and hand over its voter seat.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -292,8 +358,7 @@ impl MetaNode {
         std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
             NodeError::Config(format!("cannot create {}: {e}", cfg.data_dir.display()))
         })?;
-        let (log_store, sm) =
-            store::open::<VolumeState>(&cfg.data_dir).map_err(NodeError::Store)?;
+        let (log_store, sm) = step("open the metadata store", open_store(&cfg.data_dir)).await?;
         let state = sm.state();
         let applied = sm.applied();
         let feed = sm.feed();
@@ -309,12 +374,15 @@ impl MetaNode {
         }
         .validate()
         .map_err(|e| NodeError::Config(e.to_string()))?;
-        let raft = Raft::new(
-            cfg.node_id,
-            Arc::new(raft_cfg),
-            Network::new(cfg.key.clone(), cfg.node_id),
-            log_store,
-            sm,
+        let raft = step(
+            "start Raft",
+            Raft::new(
+                cfg.node_id,
+                Arc::new(raft_cfg),
+                Network::new(cfg.key.clone(), cfg.node_id),
+                log_store,
+                sm,
+            ),
         )
         .await
         .map_err(|e| NodeError::Raft(e.to_string()))?;
@@ -367,16 +435,19 @@ impl MetaNode {
         ));
         node.tasks.lock().await.push(server);
 
-        node.join_or_bootstrap().await?;
-        node.wait_member().await?;
-        node.write(Op::RegisterNode {
-            node: cfg.node_id,
-            rpc_addr: cfg.rpc_advertise.clone(),
-            nbd_addr: cfg.nbd_addr.clone(),
-            mount: cfg.mount.clone(),
-        })
+        step("join the cluster", node.join_or_bootstrap()).await?;
+        step("wait for membership and a leader", node.wait_member()).await?;
+        step(
+            "register this node",
+            node.write(Op::RegisterNode {
+                node: cfg.node_id,
+                rpc_addr: cfg.rpc_advertise.clone(),
+                nbd_addr: cfg.nbd_addr.clone(),
+                mount: cfg.mount.clone(),
+            }),
+        )
         .await?;
-        node.open_session().await?;
+        step("open the session", node.open_session()).await?;
 
         let keepalive = tokio::spawn(node.clone().keepalive_loop());
         let duties = tokio::spawn(node.clone().leader_loop());
@@ -556,7 +627,25 @@ impl MetaNode {
             op,
             origin,
         };
-        match self.raft.client_write(cmd).await {
+        let written = match tokio::time::timeout(PROPOSE_TIMEOUT, self.raft.client_write(cmd)).await
+        {
+            Ok(w) => w,
+            Err(_) => {
+                let m = self.raft.metrics().borrow().clone();
+                tracing::warn!(
+                    term = m.current_term,
+                    leader = ?m.current_leader,
+                    state = ?m.state,
+                    last_log = ?m.last_log_index,
+                    applied = ?m.last_applied.map(|l| l.index),
+                    "a proposal was not committed in time"
+                );
+                return Err(LeaderError::Unavailable(format!(
+                    "proposal not committed within {PROPOSE_TIMEOUT:?}"
+                )));
+            }
+        };
+        match written {
             Ok(r) => Ok(r.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                 Err(LeaderError::NotLeader {

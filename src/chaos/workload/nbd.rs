@@ -43,6 +43,9 @@ const OP_TIMEOUT: Duration = Duration::from_secs(15);
 const SWITCH_AFTER: f64 = 3.0;
 /// How long a worker whose writes were refused waits for the new owner to appear.
 const FOLLOW_WAIT: Duration = Duration::from_secs(3);
+/// Back-off after a failed operation: doubles from the first value up to the second, and
+/// is reset by a success (a node without a lease fails I/O at once; a worker must not spin).
+const BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_millis(500));
 
 #[derive(Debug, Clone)]
 struct Export {
@@ -86,6 +89,8 @@ struct Worker {
     conn_id: u64,
     /// Since when the current node has refused connections.
     down_since: Option<f64>,
+    /// Current back-off after failed operations (zero after a success).
+    backoff: Duration,
 }
 
 impl Worker {
@@ -158,9 +163,9 @@ impl Worker {
         }
     }
 
-    async fn write(&mut self) {
+    async fn write(&mut self) -> bool {
         let Some(conn) = self.conn.as_mut() else {
-            return;
+            return false;
         };
         let id = self.env.recorder.next_id();
         let b = self.rng.below(BLOCKS);
@@ -181,16 +186,18 @@ impl Worker {
             conn: self.conn_id,
         };
         self.record(id, self.node, kind, invoke_s, outcome, detail);
+        let ok = res.is_ok();
         match res {
             Err(ClientError::Refused { errno: EPERM }) => self.follow_owner().await,
             Err(ClientError::NotSent(_)) => self.conn = None,
             _ => self.drop_if_dead(),
         }
+        ok
     }
 
-    async fn flush(&mut self) {
+    async fn flush(&mut self) -> bool {
         let Some(conn) = self.conn.as_mut() else {
-            return;
+            return false;
         };
         let id = self.env.recorder.next_id();
         let invoke_s = self.env.recorder.now();
@@ -205,10 +212,17 @@ impl Worker {
         };
         self.record(id, self.node, kind, invoke_s, outcome, detail);
         self.drop_if_dead();
+        res.is_ok()
     }
 
     /// Reads block `b` through `conn` and records it (as read on `node`).
-    async fn read_on(&mut self, node: u64, conn: &mut NbdClient, b: u64, final_check: bool) {
+    async fn read_on(
+        &mut self,
+        node: u64,
+        conn: &mut NbdClient,
+        b: u64,
+        final_check: bool,
+    ) -> bool {
         let id = self.env.recorder.next_id();
         let invoke_s = self.env.recorder.now();
         let res = conn.read(b * BLOCK as u64, BLOCK as u32).await;
@@ -224,21 +238,23 @@ impl Worker {
             final_check,
         };
         self.record(id, node, kind, invoke_s, outcome, detail);
+        res.is_ok()
     }
 
-    async fn read_own(&mut self) {
+    async fn read_own(&mut self) -> bool {
         let Some(mut conn) = self.conn.take() else {
-            return;
+            return false;
         };
         let b = self.rng.below(BLOCKS);
-        self.read_on(self.node, &mut conn, b, false).await;
+        let ok = self.read_on(self.node, &mut conn, b, false).await;
         if !conn.is_dead() {
             self.conn = Some(conn);
         }
+        ok
     }
 
     /// A read through another node's export, on a connection of its own.
-    async fn read_elsewhere(&mut self) {
+    async fn read_elsewhere(&mut self) -> bool {
         let others: Vec<(u64, String)> = self
             .env
             .nbd
@@ -247,15 +263,16 @@ impl Worker {
             .cloned()
             .collect();
         if others.is_empty() {
-            return;
+            return true;
         }
         let (node, addr) = others[self.rng.below(others.len() as u64) as usize].clone();
         let b = self.rng.below(BLOCKS);
         let invoke_s = self.env.recorder.now();
         match NbdClient::connect(&addr, &self.export.name, CONNECT_TIMEOUT, OP_TIMEOUT).await {
             Ok(mut c) => {
-                self.read_on(node, &mut c, b, false).await;
+                let ok = self.read_on(node, &mut c, b, false).await;
                 c.close().await;
+                ok
             }
             Err(e) => {
                 let kind = OpKind::BlockRead {
@@ -267,6 +284,7 @@ impl Worker {
                 };
                 let id = self.env.recorder.next_id();
                 self.record(id, node, kind, invoke_s, Outcome::Failed, e.to_string());
+                false
             }
         }
     }
@@ -312,11 +330,20 @@ impl Worker {
                 self.connect().await;
                 continue;
             }
-            match self.rng.below(100) {
+            let ok = match self.rng.below(100) {
                 0..50 => self.write().await,
                 50..65 => self.flush().await,
                 65..92 => self.read_own().await,
                 _ => self.read_elsewhere().await,
+            };
+            if ok {
+                self.backoff = Duration::ZERO;
+            } else {
+                self.backoff = (self.backoff * 2).clamp(BACKOFF.0, BACKOFF.1);
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = tokio::time::sleep(self.backoff) => {}
+                }
             }
         }
         if let Some(c) = self.conn.take() {
@@ -338,6 +365,7 @@ impl NbdWorkload {
             conn: None,
             conn_id: 0,
             down_since: None,
+            backoff: Duration::ZERO,
         };
         for (node, addr) in env.nbd.clone() {
             let Ok(mut c) =
@@ -427,6 +455,7 @@ impl Workload for NbdWorkload {
                         conn: None,
                         conn_id: 0,
                         down_since: None,
+                        backoff: Duration::ZERO,
                     };
                     tokio::spawn(w.run(stop.clone()))
                 })
