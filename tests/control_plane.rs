@@ -40,6 +40,44 @@ async fn three_node_cluster_elects_a_new_leader_after_kill9_of_the_leader() {
     assert!(survivors.contains(&again));
 }
 
+/// A killed leader restarts with its own committed vote, so openraft resumes it as the
+/// leader of its old term until a peer answers with the newer one; a proposal made in that
+/// window (the node registering itself) was never answered and the node hung in start-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_leader_restarted_after_a_new_election_rejoins_promptly_every_time() {
+    // Snapshots every 20 entries: the restarted node is sent a snapshot, which drops the
+    // log tail its unanswered proposal was in.
+    let mut c = TestCluster::up_with(3, |o| o.raft.snapshot_logs = 20).await;
+    for round in 0..4 {
+        let old = c.leader_among(&[1, 2, 3], Duration::from_secs(30)).await;
+        c.kill9(old);
+        let survivors: Vec<u64> = [1, 2, 3].into_iter().filter(|n| *n != old).collect();
+        c.leader_among(&survivors, Duration::from_secs(30)).await;
+        // The new leader commits (a survivor's lease may take a keep-alive to come back).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while let Err(e) = c.acquire(survivors[0], &format!("round-{round}")).await {
+            assert!(Instant::now() < deadline, "no lock after the failover: {e}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for i in 0..40 {
+            let key = format!("round-{round}-{i}");
+            c.acquire(survivors[i % 2], &key).await.unwrap();
+        }
+        let sessions = c.log(old).matches("metadata session opened").count();
+        let t0 = Instant::now();
+        c.restart(old);
+        common::wait_until(
+            Duration::from_secs(10),
+            "the restarted leader to rejoin",
+            || c.log(old).matches("metadata session opened").count() > sessions,
+        );
+        eprintln!(
+            "round {round}: leader {old} killed, restarted, session open after {:?}",
+            t0.elapsed()
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixteen_nodes_come_up_with_five_voters_and_eleven_learners() {
     let c = TestCluster::up_with(16, |o| {

@@ -347,6 +347,8 @@ const FORWARD_TIMEOUT: Duration = Duration::from_millis(1000);
 /// How long a proposal on this node may wait for its commit before it is retried (a retry
 /// is deduplicated by its origin, so it is applied at most once).
 const PROPOSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a proposal may still be answered after this node stopped being the leader.
+const LOST_LEADERSHIP_GRACE: Duration = Duration::from_millis(200);
 const WRITE_DEADLINE: Duration = Duration::from_secs(15);
 /// How long a stopping node tries to close its session and hand over its voter seat.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -627,8 +629,30 @@ impl MetaNode {
             op,
             origin,
         };
-        let written = match tokio::time::timeout(PROPOSE_TIMEOUT, self.raft.client_write(cmd)).await
-        {
+        // A node restarted with a committed vote of its own resumes as leader of its old
+        // term and steps down at the first answer from a peer; openraft 0.9 may then never
+        // answer a proposal made in between (its responder is lost with the old term's log
+        // tail). Such a proposal is given up once the leadership is gone, and retried by the
+        // caller: retries carry the same origin and are applied at most once.
+        let mut metrics = self.raft.metrics();
+        let term = metrics.borrow().current_term;
+        let lost = async move {
+            let _ = metrics
+                .wait_for(|m| m.current_term != term || m.state != ServerState::Leader)
+                .await;
+            tokio::time::sleep(LOST_LEADERSHIP_GRACE).await;
+        };
+        let write = tokio::time::timeout(PROPOSE_TIMEOUT, self.raft.client_write(cmd));
+        let written = tokio::select! {
+            biased;
+            w = write => w,
+            _ = lost => {
+                return Err(LeaderError::Unavailable(
+                    "this node lost the leadership before the proposal committed".into(),
+                ));
+            }
+        };
+        let written = match written {
             Ok(w) => w,
             Err(_) => {
                 let m = self.raft.metrics().borrow().clone();
