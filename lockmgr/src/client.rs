@@ -235,8 +235,33 @@ impl InProcessMeta {
     /// Marks the lease as lost (as a node that cannot renew it would): `session()`
     /// becomes `None` and writes are fenced. The session itself lives on in the state
     /// until it is closed or expires.
-    pub fn lose_lease(&self) {
-        *self.session.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    pub fn lose_lease(&self) -> Option<SessionId> {
+        self.session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// Gives the lease back under `session` (a keep-alive that got through in time).
+    pub fn regain_lease(&self, session: SessionId) {
+        *self.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(session);
+    }
+
+    /// Opens a new session (as a node whose old one expired does) and uses it.
+    pub fn reopen_session(&self, ttl_ms: u64) -> Result<SessionId, MetaError> {
+        let op = Op::OpenSession {
+            node: self.node,
+            ttl_ms,
+        };
+        match self.cluster.apply(op).into_result()? {
+            Response::Session(id) => {
+                *self.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(id);
+                Ok(id)
+            }
+            other => Err(MetaError::Invalid(format!(
+                "OpenSession answered {other:?}"
+            ))),
+        }
     }
 
     /// The session this client opened (even after `lose_lease`).

@@ -263,6 +263,43 @@ async fn a_node_without_a_lease_cannot_write() {
 }
 
 #[tokio::test]
+async fn a_write_rides_out_a_brief_lease_gap_and_is_fenced_under_a_new_session() {
+    let (c, lun) = cluster(256);
+    let (v, meta) = node(&c, 1, &lun).await;
+    let ino = mkfile(&v, "gap").await;
+    let (f, _) = v.open_file(ino, true).await.unwrap();
+    f.write(0, Bytes::from(vec![1u8; 100])).await.unwrap();
+    f.fsync().await.unwrap();
+
+    // The lease lapses and a keep-alive restores it 300 ms later: the write waits for it.
+    let session = meta.lose_lease().unwrap();
+    let m = meta.clone();
+    let back = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        m.regain_lease(session);
+    });
+    let t0 = std::time::Instant::now();
+    f.write(0, Bytes::from(vec![2u8; 100])).await.unwrap();
+    f.fsync().await.unwrap();
+    assert!(t0.elapsed() >= std::time::Duration::from_millis(250));
+    back.await.unwrap();
+    assert!(f.read(0, 100).await.unwrap().iter().all(|&x| x == 2));
+
+    // The old session is gone and a new one opened (which releases the old one's locks):
+    // the next write is not issued under the lock of the old session, it takes the lock
+    // again, under the new session and with a newer token.
+    let key = csv_core::meta::data_lock_key(ino);
+    let old = c.read(|s| s.lock(&key)).unwrap().holders[0].clone();
+    assert_eq!(old.session, session);
+    meta.lose_lease();
+    let new_session = meta.reopen_session(10_000).unwrap();
+    f.write(0, Bytes::from(vec![3u8; 100])).await.unwrap();
+    let now = c.read(|s| s.lock(&key)).unwrap().holders[0].clone();
+    assert_eq!(now.session, new_session);
+    assert!(now.token > old.token, "{now:?} after {old:?}");
+}
+
+#[tokio::test]
 async fn unlink_and_rename_over_free_the_blocks_and_removed_files_are_stale() {
     let (c, lun) = cluster(256);
     let (a, _) = node(&c, 1, &lun).await;

@@ -24,6 +24,11 @@ use super::{
     VolumeResult, WeakShared, answer, lock, now,
 };
 use crate::lun::IoFence;
+
+/// How long a write waits for a lapsed lease to come back before it fails as fenced.
+const LEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How often a waiting write looks at the lease again.
+const LEASE_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 use crate::meta::{
     Attr, BlockRange, Extent, ExtentState, FallocMode, FencingToken, Ino, LockMode, MAX_FILE_SIZE,
     MetaError, SessionId, data_lock_key,
@@ -354,6 +359,7 @@ impl Shared {
         revoked: Option<&AtomicBool>,
     ) -> VolumeResult<OwnedRwLockReadGuard<()>> {
         loop {
+            self.wait_session().await;
             let g = fs.io.clone().read_owned().await;
             if fs.lock_ok(mode, self.meta.session()) {
                 return Ok(g);
@@ -618,12 +624,40 @@ impl Shared {
         Ok(data.slice(skip..skip + len))
     }
 
+    /// Waits (up to [`LEASE_WAIT`]) while this node has no valid lease; whoever then
+    /// finds none fails as before.
+    async fn wait_session(&self) {
+        let deadline = Instant::now() + LEASE_WAIT;
+        while self.meta.session().is_none() && Instant::now() < deadline {
+            tokio::time::sleep(LEASE_POLL).await;
+        }
+    }
+
+    /// Returns once this node may write under `fs`'s data lock: its lease is valid and, if
+    /// it holds the lock, under the session that took it. A lapsed lease (a keep-alive held
+    /// up by a pause or a leader change) is waited for, up to [`LEASE_WAIT`], so that I/O
+    /// rides out the gap instead of failing; a new session means the lock is gone: fenced
+    /// at once. (The lease, not the wait, is the safety: no LUN write is issued without it.)
+    async fn lease_for(&self, fs: &FileState) -> VolumeResult<()> {
+        let held = lock(&fs.core).lock.map(|h| h.session);
+        let deadline = Instant::now() + LEASE_WAIT;
+        loop {
+            match (self.meta.session(), held) {
+                (Some(s), Some(h)) if s == h => return Ok(()),
+                (Some(_), Some(_)) => return Err(VolumeError::Fenced),
+                (Some(_), None) => return Ok(()),
+                (None, _) if Instant::now() < deadline => {
+                    tokio::time::sleep(LEASE_POLL).await;
+                }
+                (None, _) => return Err(VolumeError::Fenced),
+            }
+        }
+    }
+
     /// Writes `data` at LUN byte `off`, read-modify-writing partial sectors. Callers
     /// serialize writes that touch a partial sector.
     async fn lun_write(&self, fs: &FileState, off: u64, data: Bytes) -> VolumeResult<()> {
-        if !self.meta.may_write() {
-            return Err(VolumeError::Fenced);
-        }
+        self.lease_for(fs).await?;
         let fence = fs.fence();
         let a = self.align;
         let end = off + data.len() as u64;
@@ -644,9 +678,7 @@ impl Shared {
         }
         let skip = (off - start) as usize;
         buf[skip..skip + data.len()].copy_from_slice(&data);
-        if !self.meta.may_write() {
-            return Err(VolumeError::Fenced);
-        }
+        self.lease_for(fs).await?;
         self.lun
             .write_fenced(start, buf.freeze(), false, fence)
             .await?;
@@ -881,9 +913,7 @@ impl Shared {
             return Err(VolumeError::WriteBack(fs.ino));
         };
         let res = async {
-            if !self.meta.may_write() || self.meta.session() != Some(held.session) {
-                return Err(VolumeError::Fenced);
-            }
+            self.lease_for(fs).await?;
             self.lun.flush().await?;
             let r = self
                 .meta
