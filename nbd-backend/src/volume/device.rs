@@ -161,10 +161,17 @@ impl VolumeDevice {
         }
     }
 
-    /// A revoked device reports `Revoked` for whatever failed underneath.
+    /// The error of a write-type request that reached the decoded device. A refusal
+    /// (`EPERM` to the client) promises that nothing was written, so it is passed on only
+    /// where it is certain: a raw export refuses before its one LUN write. A VHD write is
+    /// several writes (data, bitmap, BAT), and one refused after another landed has an
+    /// unknown outcome: `EIO`. Any other failure stays what it is, even on a device that
+    /// has been revoked meanwhile: its write may have reached the LUN.
     fn map_err(&self, e: DeviceError) -> DeviceError {
-        if self.revoked() && !matches!(e, DeviceError::OutOfRange { .. }) {
-            DeviceError::Revoked
+        if self.vhd && is_refusal(&e) {
+            DeviceError::Io(std::io::Error::other(
+                "write access was revoked during the request; its outcome is unknown",
+            ))
         } else {
             e
         }
@@ -229,5 +236,14 @@ impl BlockDevice for VolumeDevice {
             self.fresh().await;
             self.inner().block_status(offset, len).await
         })
+    }
+}
+
+/// True for the errors the NBD edge answers with `EPERM`.
+fn is_refusal(e: &DeviceError) -> bool {
+    match e {
+        DeviceError::Revoked | DeviceError::ReadOnly => true,
+        DeviceError::Io(io) | DeviceError::Allocate(io) => io.raw_os_error() == Some(libc::EPERM),
+        DeviceError::OutOfRange { .. } | DeviceError::FastZeroUnsupported => false,
     }
 }
