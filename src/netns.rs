@@ -10,6 +10,11 @@
 //!   separate "fabric") is unaffected by LAN faults;
 //! - `isolate` sets both ends of node K's veth down (its sends fail at once, peers' packets to it
 //!   are dropped); `heal` sets them up again;
+//! - [`partition`] cuts the links between two groups of nodes silently (the chaos harness's
+//!   `partition` fault): each side's neighbour entry for the other points at a MAC nobody has,
+//!   so packets vanish and connections time out, while the host (the clients) still reaches
+//!   every node; [`unpartition`] removes those entries. They are the only permanent neighbour
+//!   entries in a node's namespace, so removing every permanent entry heals exactly them;
 //! - names and the subnet derive from a hash of the cluster directory, so concurrent clusters
 //!   do not collide; a subnet already routed on the host is refused.
 //!
@@ -168,6 +173,91 @@ pub fn set_link(dir: &Path, cluster: &ClusterFile, id: u64, up: bool) -> anyhow:
     let state = if up { "up" } else { "down" };
     ip(&["link", "set", &n.host_if(id), state])?;
     ip(&["-n", &n.ns(id), "link", "set", &n.node_if(id), state])
+}
+
+/// A locally administered MAC that no interface has: the bridge floods frames sent to it and
+/// every veth drops them (not addressed to it).
+const BLACKHOLE_MAC: &str = "02:00:00:00:de:ad";
+
+/// Runs `commands` (one `ip` command per line, without `ip`) in namespace `ns` with one
+/// `ip -batch` process.
+fn ip_batch(ns: &str, commands: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut child = Command::new("ip")
+        .args(["-n", ns, "-batch", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("cannot run `ip` (iproute2)")?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(commands.as_bytes())
+            .context("cannot feed `ip -batch`")?;
+    }
+    let out = child
+        .wait_with_output()
+        .context("`ip -batch` did not finish")?;
+    if !out.status.success() {
+        bail!(
+            "ip -n {ns} -batch failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Cuts every link between a node of `a` and a node of `b`, both ways, silently: packets are
+/// dropped (connections time out rather than fail), as behind a failed switch. Links within
+/// a group, and between any node and the host, keep working. Healed by [`unpartition`].
+pub fn partition(n: &Netns, a: &[u64], b: &[u64]) -> anyhow::Result<()> {
+    for (from, to) in [(a, b), (b, a)] {
+        for &x in from {
+            if !n.nodes.contains(&x) {
+                bail!("node {x} has no network namespace");
+            }
+            let cmds: String = to
+                .iter()
+                .filter(|&&y| y != x)
+                .map(|&y| {
+                    format!(
+                        "neigh replace {} lladdr {BLACKHOLE_MAC} dev {} nud permanent\n",
+                        n.node_ip(y),
+                        n.node_if(x)
+                    )
+                })
+                .collect();
+            if !cmds.is_empty() {
+                ip_batch(&n.ns(x), &cmds)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Undoes every [`partition`] on `nodes` (their permanent neighbour entries are removed; the
+/// kernel resolves the peers again on the next packet).
+pub fn unpartition(n: &Netns, nodes: &[u64]) -> anyhow::Result<()> {
+    let mut first_err = None;
+    for &x in nodes.iter().filter(|x| n.nodes.contains(x)) {
+        if let Err(e) = ip(&["-n", &n.ns(x), "neigh", "flush", "nud", "permanent"]) {
+            first_err.get_or_insert(e);
+        }
+    }
+    first_err.map_or(Ok(()), Err)
+}
+
+/// Every LAN fault undone: partitions removed and every link up (also what `isolate` cut).
+pub fn heal_all(n: &Netns) -> anyhow::Result<()> {
+    let mut first_err = unpartition(n, &n.nodes).err();
+    for &id in &n.nodes {
+        if let Err(e) = ip(&["link", "set", &n.host_if(id), "up"])
+            .and_then(|()| ip(&["-n", &n.ns(id), "link", "set", &n.node_if(id), "up"]))
+        {
+            first_err.get_or_insert(e);
+        }
+    }
+    first_err.map_or(Ok(()), Err)
 }
 
 /// `program` run inside node `id`'s network namespace (only the network namespace).
