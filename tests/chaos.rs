@@ -852,7 +852,13 @@ async fn run_valid(o: &ChaosOptions, keep: &Path) -> Report {
         common::kill_everything(keep);
         panic!("seed {seed}: invalid:\n{}", report.table());
     }
-    assert!(!report.faults.is_empty(), "seed {seed}: no faults");
+    for k in &o.faults {
+        assert!(
+            report.faults.iter().any(|f| f.kind == k.name()),
+            "seed {seed}: no {k} fault was injected: {:?}",
+            report.faults
+        );
+    }
     for f in &report.faults {
         assert!(
             !f.detail.starts_with("not injected") && !f.detail.contains("not ready"),

@@ -337,12 +337,12 @@ async fn run_on(
             _ = interrupt.cancelled() => false,
         }
     };
-    // Faults are planned at fixed offsets; time spent waiting for the cluster to recover
-    // from one fault shifts every later one, so the planned gaps stay quiet time.
-    let mut shift = Duration::ZERO;
+    // Faults keep their planned start unless the cluster is still recovering then: the
+    // gap before a fault is its recovery time, and a longer recovery delays only that
+    // fault (a later one may then follow it without a gap, once the cluster is ready).
     let last_end = base + Duration::from_secs_f64((run_s - opts.shape.tail_s).max(0.0));
     for f in &plan {
-        if !wait(base + Duration::from_secs_f64(f.at_s) + shift).await {
+        if !wait(base + Duration::from_secs_f64(f.at_s)).await {
             break;
         }
         let Some(nem) = nemeses.iter_mut().find(|n| n.kinds().contains(&f.kind)) else {
@@ -352,14 +352,13 @@ async fn run_on(
             w = wait_until_ready(&ctl.file, READY_BOUND) => w,
             _ = interrupt.cancelled() => break,
         };
-        shift += waited.waited;
         let ready_note = waited.note();
         if Instant::now() + Duration::from_secs_f64(f.duration_s) > last_end {
             tracing::info!(
                 kind = %f.kind,
-                "the waits for recovery used up the run: no more faults"
+                "waiting for recovery pushed this fault past the run's end: skipped"
             );
-            break;
+            continue;
         }
         let start_s = rec.now();
         let (node, mut detail, stall_s) = match nem.inject(f, ctl).await {

@@ -8,8 +8,8 @@
 //! Invariants of a schedule: faults are sequential (one at a time), start after a
 //! warm-up, and all end before a quiet tail at the end of the run. The runner adds the
 //! other half of "a 3-node cluster keeps a quorum except while its leader is hit": it
-//! injects a fault only once every node has recovered from the previous one, shifting
-//! the rest of the schedule by that wait.
+//! injects a fault only once every node has recovered from the previous one (which may
+//! start a fault later than planned).
 
 use serde::{Deserialize, Serialize};
 
