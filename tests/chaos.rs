@@ -638,6 +638,12 @@ proptest! {
 
 // ---- real runs ------------------------------------------------------------------------------
 
+/// Real runs take turns: the machine has two cores, and a process spawned by one run (an
+/// nbdkit, a restarted csvd) closes at exec every FUSE file this test process holds open,
+/// each close waiting for its daemon, so one run's paused or cut-off node would stall
+/// another run's fault injection.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The CI shape: shorter faults, so that a 20 s run holds several.
 fn ci_shape() -> ScheduleShape {
     ScheduleShape {
@@ -689,6 +695,7 @@ fn options(seed: u64, dir: &Path, keep: Option<PathBuf>) -> ChaosOptions {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn short_chaos_runs_on_three_nodes_are_valid_and_recheck_identically() {
+    let _one = SERIAL.lock().await;
     let seeds = ci_seeds(20.0);
     let dir = tempfile::tempdir().unwrap();
     for seed in seeds {
@@ -930,6 +937,7 @@ fn via_peers(detail: &str) -> Option<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn san_path_faults_are_ridden_out_by_the_redirector_and_the_run_is_valid() {
+    let _one = SERIAL.lock().await;
     let kinds = [FaultKind::SanDown, FaultKind::SanHang, FaultKind::SanFlaky];
     let seed = seed_with(LAN_SAN_RUN_S, &kinds, |_| true);
     eprintln!("chaos seed {seed}");
@@ -959,6 +967,7 @@ async fn san_path_faults_are_ridden_out_by_the_redirector_and_the_run_is_valid()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn partitions_of_a_node_and_of_the_leader_are_healed_and_the_run_is_valid() {
+    let _one = SERIAL.lock().await;
     use csvd::chaos::nemesis::PartitionShape;
     let kinds = [FaultKind::Partition];
     let seed = seed_with(LAN_SAN_RUN_S, &kinds, |p| {
@@ -1018,6 +1027,7 @@ fn file_hashes(store: &Path) -> Vec<(String, Vec<u8>)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn offline_fsck_checks_stopped_stores_without_changing_them_and_refuses_running_ones() {
+    let _one = SERIAL.lock().await;
     let mut c = common::TestCluster::up(3).await;
     // Some metadata to check: creates through every node.
     for n in 1..=3u64 {
