@@ -125,8 +125,12 @@ pub struct ChaosArgs {
     /// Seed of the fault schedule and the workloads (random if not given; always printed).
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Fault kinds: kill, pause, leader, partition, san-down, san-hang, san-flaky, migrate
-    /// (or none).
+    /// Fault kinds, comma-separated (or none): kill, pause, leader (kill -9 / SIGSTOP a
+    /// node or the leader); migrate (move an nbd export; needs --workload nbd); san-down,
+    /// san-hang, san-flaky (kill, pause or make flaky a node's nbdkit SAN path: the started
+    /// cluster gets --san nbdkit); partition (cut a node, the leader or a minority off the
+    /// LAN: the started cluster gets --netns, which needs root). With --cluster, a cluster
+    /// lacking what a kind needs is refused up front.
     #[arg(long, default_value = "kill,pause,leader")]
     pub faults: String,
     /// Workloads: meta, nbd, fuse.

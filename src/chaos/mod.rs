@@ -11,8 +11,11 @@
 //! - [`report`]: counts, faults with their stalls, verdicts.
 //!
 //! Invariants of a run: nothing starts before every requested fault kind and workload
-//! is known to be available; every injected fault is healed before the final state is
-//! gathered; the verdict is computed from the history file's content alone.
+//! is known to be available, and the cluster (started or given) is known to offer what
+//! those kinds need; a fault is injected only once every node has recovered from the
+//! previous one (or a bounded wait, [`READY_BOUND`], has run out: the fault's detail
+//! says so); every injected fault is healed before the final state is gathered; the
+//! verdict is computed from the history file's content alone.
 
 pub mod block;
 pub mod checker;
@@ -26,18 +29,23 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lockmgr::rpc::message::{Reply, Request};
+use csv_core::meta::PathState;
+use lockmgr::rpc::message::{Query, QueryReply, Reply, Request};
 use tokio_util::sync::CancellationToken;
 
 use self::history::{
     FaultRecord, FinalState, HistoryError, NodeDigest, NodePath, Recorder, RunHeader,
 };
-use self::nemesis::{ClusterControl, Nemesis, NemesisError};
+use self::nemesis::{ClusterControl, ClusterNeeds, Nemesis, NemesisError};
 use self::report::Report;
 use self::schedule::{FaultKind, ScheduleShape};
 use self::workload::{Workload, WorkloadEnv, WorkloadError, WorkloadKind};
 use crate::client::CtlClient;
-use crate::cluster::{self, Children, ClusterFile, UpOptions};
+use crate::cluster::{self, Children, ClusterFile, SanMode, UpOptions};
+use crate::config::RedirectorSection;
+
+/// The longest a fault waits for every node to be ready after the previous fault.
+pub const READY_BOUND: Duration = Duration::from_secs(20);
 
 /// How to run one chaos test.
 #[derive(Debug, Clone)]
@@ -57,6 +65,8 @@ pub struct ChaosOptions {
     pub csvd: PathBuf,
     /// Session TTL of a cluster the harness starts (short, so pauses outlive sessions).
     pub session_ttl_ms: u64,
+    /// Redirector settings of a cluster the harness starts (see [`chaos_redirector`]).
+    pub redirector: RedirectorSection,
     pub shape: ScheduleShape,
     /// How long to wait for the cluster to be ready again after healing.
     pub converge_timeout: Duration,
@@ -78,6 +88,7 @@ impl ChaosOptions {
             history: None,
             csvd: cluster::default_csvd_binary(),
             session_ttl_ms: 4_000,
+            redirector: chaos_redirector(),
             shape: ScheduleShape::default(),
             converge_timeout: Duration::from_secs(60),
             interrupt: CancellationToken::new(),
@@ -94,6 +105,21 @@ impl ChaosOptions {
             (None, None, Some(c)) => c.join(name),
             (None, None, None) => PathBuf::from(name),
         }
+    }
+}
+
+/// The redirector of a cluster the harness starts: the defaults, but failing back to the
+/// SAN path after 2 s of healthy probes (probed every 200 ms) instead of 10 s, and flap
+/// damping bounded at 8 s instead of 5 minutes. Faults come every few seconds, so with the
+/// defaults a node hit twice would stay redirected for minutes and every later fault would
+/// wait [`READY_BOUND`] for it; the damping itself is still exercised.
+pub fn chaos_redirector() -> RedirectorSection {
+    RedirectorSection {
+        probe_interval_ms: 200,
+        failback_healthy_ms: 2_000,
+        failback_max_ms: 8_000,
+        flap_window_ms: 5_000,
+        ..RedirectorSection::default()
     }
 }
 
@@ -138,6 +164,21 @@ pub async fn run(opts: &ChaosOptions) -> Result<Report, ChaosError> {
         ));
     }
     let mut nemeses = nemesis::registry(&opts.faults).map_err(ChaosError::Faults)?;
+    let needs = ClusterNeeds::of(&opts.faults);
+    match &opts.cluster {
+        Some(dir) => {
+            let file = ClusterFile::load(dir).map_err(|e| ChaosError::Cluster {
+                dir: dir.clone(),
+                source: e.into(),
+            })?;
+            needs
+                .check_cluster(&opts.faults, dir, &file)
+                .map_err(ChaosError::Options)?;
+        }
+        None => needs
+            .check_host(&opts.faults)
+            .map_err(ChaosError::Options)?,
+    }
     let workloads = opts
         .workloads
         .iter()
@@ -169,6 +210,11 @@ pub async fn run(opts: &ChaosOptions) -> Result<Report, ChaosError> {
         up.csvd = opts.csvd.clone();
         up.lun_size = 256 << 20;
         up.session.ttl_ms = opts.session_ttl_ms;
+        up.redirector = opts.redirector.clone();
+        if needs.san_nbdkit {
+            up.san = SanMode::Nbdkit;
+        }
+        up.netns = needs.netns;
         match cluster::up(&up, &mut children).await {
             Ok(f) => f,
             Err(e) => {
@@ -291,6 +337,10 @@ async fn run_on(
             _ = interrupt.cancelled() => false,
         }
     };
+    // Faults keep their planned start unless the cluster is still recovering then: the
+    // gap before a fault is its recovery time, and a longer recovery delays only that
+    // fault (a later one may then follow it without a gap, once the cluster is ready).
+    let last_end = base + Duration::from_secs_f64((run_s - opts.shape.tail_s).max(0.0));
     for f in &plan {
         if !wait(base + Duration::from_secs_f64(f.at_s)).await {
             break;
@@ -298,8 +348,20 @@ async fn run_on(
         let Some(nem) = nemeses.iter_mut().find(|n| n.kinds().contains(&f.kind)) else {
             continue;
         };
+        let waited = tokio::select! {
+            w = wait_until_ready(&ctl.file, READY_BOUND) => w,
+            _ = interrupt.cancelled() => break,
+        };
+        let ready_note = waited.note();
+        if Instant::now() + Duration::from_secs_f64(f.duration_s) > last_end {
+            tracing::info!(
+                kind = %f.kind,
+                "waiting for recovery pushed this fault past the run's end: skipped"
+            );
+            continue;
+        }
         let start_s = rec.now();
-        let (node, detail, stall_s) = match nem.inject(f, ctl).await {
+        let (node, mut detail, stall_s) = match nem.inject(f, ctl).await {
             // An instantaneous fault (a migration): done when inject returns.
             Ok(active) if active.stall_s.is_some() => {
                 (active.node, active.note.clone(), active.stall_s)
@@ -308,6 +370,12 @@ async fn run_on(
                 wait(Instant::now() + Duration::from_secs_f64(f.duration_s)).await;
                 let healed = nem.heal(&active, ctl).await;
                 let mut detail = format!("{} for {:.1}s", active.action, f.duration_s);
+                for note in [&active.note, healed.as_ref().unwrap_or(&String::new())] {
+                    if !note.is_empty() {
+                        detail.push_str("; ");
+                        detail.push_str(note);
+                    }
+                }
                 if let Err(e) = healed {
                     detail.push_str(&format!("; heal failed: {e}"));
                 }
@@ -315,6 +383,10 @@ async fn run_on(
             }
             Err(e) => (f.node, format!("not injected: {e}"), None),
         };
+        if let Some(n) = ready_note {
+            detail.push_str("; ");
+            detail.push_str(&n);
+        }
         rec.fault(FaultRecord {
             kind: f.kind.name().into(),
             node,
@@ -352,7 +424,17 @@ async fn run_on(
     }
     let healed = Instant::now();
     let converge_s = match cluster::wait_ready(&ctl.file, opts.converge_timeout).await {
-        Ok(()) => Some(healed.elapsed().as_secs_f64()),
+        Ok(()) => {
+            // Ready also means back on the SAN path (the redirector fails back on its own).
+            let left = opts.converge_timeout.saturating_sub(healed.elapsed());
+            match wait_until_ready(&ctl.file, left).await.missing {
+                None => Some(healed.elapsed().as_secs_f64()),
+                Some(m) => {
+                    tracing::warn!(missing = %m, "the cluster did not converge");
+                    None
+                }
+            }
+        }
         Err(e) => {
             tracing::warn!(error = %e, "the cluster did not converge");
             None
@@ -384,6 +466,96 @@ async fn run_on(
         &h,
         &history_path.display().to_string(),
     ))
+}
+
+/// How a wait for the cluster to be ready ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReadyWait {
+    pub waited: Duration,
+    /// What was still missing when the wait gave up (`None`: ready).
+    pub missing: Option<String>,
+}
+
+impl ReadyWait {
+    /// For a fault's detail: nothing if the cluster was ready at once.
+    pub fn note(&self) -> Option<String> {
+        let s = self.waited.as_secs_f64();
+        match &self.missing {
+            None if s < 0.05 => None,
+            None => Some(format!("waited {s:.1}s for every node to be ready first")),
+            Some(m) => Some(format!(
+                "injected with the cluster not ready after {s:.1}s: {m}"
+            )),
+        }
+    }
+}
+
+/// Polls until [`not_ready`] finds nothing missing, for at most `bound`.
+pub async fn wait_until_ready(file: &ClusterFile, bound: Duration) -> ReadyWait {
+    let t0 = Instant::now();
+    let client = match file.client() {
+        Ok(c) => c,
+        Err(e) => {
+            return ReadyWait {
+                waited: Duration::ZERO,
+                missing: Some(format!("no client: {e:#}")),
+            };
+        }
+    };
+    loop {
+        let missing = not_ready(file, &client).await;
+        if missing.is_none() || t0.elapsed() >= bound {
+            return ReadyWait {
+                waited: t0.elapsed(),
+                missing,
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// What keeps the cluster from being ready for a fault (`None`: ready): every node is
+/// running and answers, holds a live metadata session, has its FUSE mount, and its
+/// published SAN path state is `direct`.
+pub async fn not_ready(file: &ClusterFile, client: &CtlClient) -> Option<String> {
+    let statuses = client.statuses(Duration::from_secs(1)).await;
+    let mut missing = Vec::new();
+    for e in &file.nodes {
+        if !cluster::pid_alive(e.pid) {
+            missing.push(format!("node {} is down", e.id));
+            continue;
+        }
+        match statuses
+            .iter()
+            .find(|(n, _)| *n == e.id)
+            .and_then(|(_, s)| s.as_ref())
+        {
+            None => missing.push(format!("node {} does not answer", e.id)),
+            Some(s) if s.session.is_none() => missing.push(format!("node {} has no session", e.id)),
+            Some(_) => {}
+        }
+        if !cluster::is_mounted(&e.mount) {
+            missing.push(format!("node {} is not mounted", e.id));
+        }
+    }
+    if missing.is_empty() {
+        match client.query(Query::Nodes).await {
+            Ok(QueryReply::Nodes(records)) => {
+                for e in &file.nodes {
+                    match records.iter().find(|r| r.id == e.id) {
+                        Some(r) if r.path.state == PathState::Direct => {}
+                        Some(r) => {
+                            missing.push(format!("node {} is {}", e.id, r.path.state.as_str()))
+                        }
+                        None => missing.push(format!("node {} has no node record", e.id)),
+                    }
+                }
+            }
+            Ok(other) => missing.push(format!("unexpected node records {other:?}")),
+            Err(e) => missing.push(format!("no node records: {e:#}")),
+        }
+    }
+    (!missing.is_empty()).then(|| missing.join(", "))
 }
 
 fn hex(b: &[u8]) -> String {

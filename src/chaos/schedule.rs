@@ -5,9 +5,11 @@
 //! random numbers come from [`SplitMix64`] here rather than from a library whose
 //! streams may change between versions.
 //!
-//! Invariants of a schedule: faults are sequential (one at a time, so a 3-node cluster
-//! keeps a quorum except while its leader is hit), start after a warm-up, and all end
-//! before a quiet tail at the end of the run.
+//! Invariants of a schedule: faults are sequential (one at a time), start after a
+//! warm-up, and all end before a quiet tail at the end of the run. The runner adds the
+//! other half of "a 3-node cluster keeps a quorum except while its leader is hit": it
+//! injects a fault only once every node has recovered from the previous one (which may
+//! start a fault later than planned).
 
 use serde::{Deserialize, Serialize};
 
@@ -21,13 +23,13 @@ pub enum FaultKind {
     Pause,
     /// Kill or pause whichever node leads the metadata Raft at that moment.
     Leader,
-    /// Isolate a node from its peers on the LAN.
+    /// Cut a node, the leader or a minority group off from the other nodes on the LAN.
     Partition,
-    /// A node's SAN path fails fast.
+    /// A node's SAN path fails fast (its nbdkit is killed).
     SanDown,
-    /// A node's SAN path hangs.
+    /// A node's SAN path hangs (its nbdkit is paused).
     SanHang,
-    /// A node's SAN path returns intermittent I/O errors.
+    /// A node's SAN path returns intermittent I/O errors (1%, 5% or 20%).
     SanFlaky,
     /// Live-migrate an NBD export to another node.
     Migrate,
