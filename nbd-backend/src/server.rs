@@ -1,8 +1,10 @@
 //! The tokio NBD server: accept loop, fixed-newstyle handshake, transmission.
 //!
 //! Per connection in transmission: one reader (this task) parses request headers and WRITE
-//! payloads, validates them and spawns one task per request; one writer task serialises reply
-//! frames in completion order (out-of-order replies). `max_in_flight` slots and a payload byte
+//! payloads, validates them and polls each request once; a request that completes there has
+//! its reply batched (sent to the writer before the reader may wait), the others continue on
+//! their own task; one writer task serialises reply frames in completion order (out-of-order
+//! replies), several per `writev`. `max_in_flight` slots and a payload byte
 //! budget give back-pressure. Invariants:
 //! * every request gets exactly one reply frame, except DISC (none); a WRITE's payload is always
 //!   consumed (drained on error) before the next header is read;
