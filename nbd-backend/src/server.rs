@@ -1,8 +1,10 @@
 //! The tokio NBD server: accept loop, fixed-newstyle handshake, transmission.
 //!
 //! Per connection in transmission: one reader (this task) parses request headers and WRITE
-//! payloads, validates them and spawns one task per request; one writer task serialises reply
-//! frames in completion order (out-of-order replies). `max_in_flight` slots and a payload byte
+//! payloads, validates them and polls each request once; a request that completes there has
+//! its reply batched (sent to the writer before the reader may wait), the others continue on
+//! their own task; one writer task serialises reply frames in completion order (out-of-order
+//! replies), several per `writev`. `max_in_flight` slots and a payload byte
 //! budget give back-pressure. Invariants:
 //! * every request gets exactly one reply frame, except DISC (none); a WRITE's payload is always
 //!   consumed (drained on error) before the next header is read;
@@ -12,23 +14,26 @@
 //!   queued (DISC, EOF, protocol violation, `disconnect()`, or shutdown after the grace period);
 //!   a connection that wrote anything flushes the device before closing.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::error::Error as StdError;
-use std::io;
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
 
-use crate::connection::{ConnectionEvents, ConnectionHandle, ConnectionId};
+use crate::connection::{Admission, ConnectionEvents, ConnectionHandle, ConnectionId};
 use crate::export::{
     BlockDevice, DeviceError, ExportError, ExportProvider, Extent, OpenPurpose, ReadChunk, ZeroMode,
 };
@@ -549,6 +554,14 @@ struct RequestCtx {
     wrote: AtomicBool,
 }
 
+/// Replies queued in one message to the writer hold at most about this many bytes.
+const BATCH_BYTES: usize = 1 << 20;
+/// Pieces the writer hands to one `writev` (well under `IOV_MAX`).
+const MAX_IOV: usize = 256;
+/// Reply pieces up to this size are copied into the writer's staging buffer rather than
+/// given their own iovec.
+const COPY_MAX: usize = 512;
+
 async fn transmission<S>(
     shared: &Shared,
     stream: S,
@@ -571,7 +584,10 @@ where
         wrote: AtomicBool::new(false),
     });
     let requests = TaskTracker::new();
-    let outcome = read_requests(shared, &mut rd, &ctx, conn, &requests).await;
+    let mut batch = Batch::default();
+    let outcome = read_requests(shared, &mut rd, &ctx, conn, &requests, &mut batch).await;
+    // Replies completed on this task are queued before anything else happens.
+    batch.send(&ctx).await;
     // Drain: every admitted request finishes and queues its reply before we close.
     requests.close();
     requests.wait().await;
@@ -589,23 +605,132 @@ where
     outcome
 }
 
+/// Serialises reply frames: takes every frame already queued, then writes them with as few
+/// `writev` calls as the socket allows (small pieces such as reply headers are copied into
+/// one staging buffer, payloads go out as they are).
 async fn write_replies<W: AsyncWrite + Unpin>(
-    wr: W,
+    mut w: W,
     mut rx: mpsc::Receiver<Vec<Bytes>>,
 ) -> io::Result<()> {
-    let mut w = BufWriter::with_capacity(256 << 10, wr);
-    while let Some(frame) = rx.recv().await {
-        for part in frame {
-            w.write_all(&part).await?;
+    let mut out = ReplyQueue::default();
+    while let Some(frames) = rx.recv().await {
+        out.push(frames);
+        while out.bytes < BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(frames) => out.push(frames),
+                Err(_) => break,
+            }
         }
-        if rx.is_empty() {
-            w.flush().await?;
-        }
+        out.write_to(&mut w).await?;
     }
     w.flush().await?;
     // Best effort: the peer may be gone already.
     let _ = w.shutdown().await;
     Ok(())
+}
+
+/// Reply bytes waiting to be written, in wire order.
+#[derive(Default)]
+struct ReplyQueue {
+    parts: VecDeque<Bytes>,
+    /// Trailing small pieces, copied together (becomes one part when the next large piece
+    /// arrives or the queue is written).
+    small: BytesMut,
+    bytes: usize,
+}
+
+impl ReplyQueue {
+    fn push(&mut self, frames: Vec<Bytes>) {
+        for part in frames {
+            self.bytes += part.len();
+            if part.len() <= COPY_MAX {
+                self.small.extend_from_slice(&part);
+            } else {
+                self.seal();
+                self.parts.push_back(part);
+            }
+        }
+    }
+
+    /// Moves the staged small pieces into `parts`.
+    fn seal(&mut self) {
+        if !self.small.is_empty() {
+            self.parts.push_back(self.small.split().freeze());
+        }
+    }
+
+    async fn write_to<W: AsyncWrite + Unpin>(&mut self, w: &mut W) -> io::Result<()> {
+        self.seal();
+        while !self.parts.is_empty() {
+            let iov: Vec<IoSlice<'_>> = self
+                .parts
+                .iter()
+                .take(MAX_IOV)
+                .map(|p| IoSlice::new(p))
+                .collect();
+            let mut n = w.write_vectored(&iov).await?;
+            drop(iov);
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            self.bytes = self.bytes.saturating_sub(n);
+            while n > 0 {
+                let Some(front) = self.parts.front_mut() else {
+                    break;
+                };
+                if n < front.len() {
+                    front.advance(n);
+                    n = 0;
+                } else {
+                    n -= front.len();
+                    self.parts.pop_front();
+                }
+            }
+        }
+        self.bytes = 0;
+        w.flush().await
+    }
+}
+
+/// What an admitted request holds until its reply is queued.
+struct Pass {
+    _admission: Admission,
+    _budget: Option<OwnedSemaphorePermit>,
+    _slot: OwnedSemaphorePermit,
+}
+
+/// Replies of requests that completed on the reader task, queued to the writer together
+/// (one channel message and one writer wake-up for many replies). Their passes are released
+/// only after the replies were queued, as for requests run on their own task.
+#[derive(Default)]
+struct Batch {
+    frames: Vec<Bytes>,
+    bytes: usize,
+    passes: Vec<Pass>,
+}
+
+impl Batch {
+    fn push(&mut self, frame: Vec<Bytes>, pass: Option<Pass>) {
+        self.bytes += frame.iter().map(Bytes::len).sum::<usize>();
+        self.frames.extend(frame);
+        self.passes.extend(pass);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    /// Queues the replies, then releases the passes. `false`: the writer is gone.
+    async fn send(&mut self, ctx: &RequestCtx) -> bool {
+        if self.is_empty() {
+            return true;
+        }
+        let frames = std::mem::take(&mut self.frames);
+        self.bytes = 0;
+        let sent = ctx.replies.send(frames).await.is_ok();
+        self.passes.clear();
+        sent
+    }
 }
 
 /// Completes when shutdown started and the grace period elapsed.
@@ -614,12 +739,21 @@ async fn shutdown_grace(token: CancellationToken, grace: Duration) {
     tokio::time::sleep(grace).await;
 }
 
+/// A request's execution, boxed so that a future first polled on the reader task can move to
+/// its own task.
+type Execution = Pin<Box<dyn Future<Output = Vec<Bytes>> + Send>>;
+
+/// Reads and dispatches requests. Each admitted request is polled once right here: one that
+/// completes without waiting (page-cache I/O) has its reply added to `batch`, which goes to
+/// the writer before this task could wait for anything (socket, slots, byte budget); one
+/// that must wait continues on its own task and queues its reply itself.
 async fn read_requests<R>(
     shared: &Shared,
-    rd: &mut R,
+    rd: &mut BufReader<R>,
     ctx: &Arc<RequestCtx>,
     conn: &ConnectionHandle,
     requests: &TaskTracker,
+    batch: &mut Batch,
 ) -> Result<(), ConnError>
 where
     R: AsyncRead + Unpin,
@@ -631,15 +765,26 @@ where
     let grace = shutdown_grace(shared.shutdown.clone(), cfg.shutdown_grace);
     tokio::pin!(grace);
     loop {
-        let slot = tokio::select! {
-            biased;
-            _ = kill.cancelled() => return Ok(()),
-            _ = &mut grace => return Ok(()),
-            s = slots.clone().acquire_owned() => match s {
-                Ok(s) => s,
-                Err(_) => return Ok(()),
-            },
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(s) => s,
+            Err(_) => {
+                if !batch.send(ctx).await {
+                    return Ok(());
+                }
+                tokio::select! {
+                    biased;
+                    _ = kill.cancelled() => return Ok(()),
+                    _ = &mut grace => return Ok(()),
+                    s = slots.clone().acquire_owned() => match s {
+                        Ok(s) => s,
+                        Err(_) => return Ok(()),
+                    },
+                }
+            }
         };
+        if rd.buffer().len() < proto::REQUEST_LEN && !batch.send(ctx).await {
+            return Ok(());
+        }
         let mut hdr = [0u8; proto::REQUEST_LEN];
         let read = tokio::select! {
             biased;
@@ -657,6 +802,13 @@ where
             return Ok(());
         }
         let check = validate(ctx, &req, cfg.max_payload, shared.shutdown.is_cancelled());
+        if req.command.has_payload()
+            && (rd.buffer().len() < req.length as usize
+                || budget.available_permits() < budget_permits(&req, cfg.payload_budget))
+            && !batch.send(ctx).await
+        {
+            return Ok(());
+        }
         // A client stalling mid-payload must not delay disconnect() or shutdown.
         let (payload, mut budget_permit) = tokio::select! {
             biased;
@@ -676,30 +828,56 @@ where
             Ok(a) => a,
             Err(errno) => {
                 let frame = error_frame(ctx.structured, &req, errno, refusal_message(errno));
-                if ctx.replies.send(frame).await.is_err() {
-                    return Ok(());
-                }
+                batch.push(frame, None);
+                drop(slot);
                 continue;
             }
         };
         if req.command == Command::Read {
-            let permits = req.length.clamp(1, cfg.payload_budget);
-            budget_permit = budget.clone().acquire_many_owned(permits).await.ok();
-        }
-        let ctx = ctx.clone();
-        let span = tracing::debug_span!("nbd_req", cookie = req.cookie, cmd = ?req.command);
-        requests.spawn(
-            async move {
-                let frame = execute(&ctx, &req, payload).await;
-                // Send before releasing the admission: drained writes have queued replies.
-                let _ = ctx.replies.send(frame).await;
-                drop(admission);
-                drop(budget_permit);
-                drop(slot);
+            let permits = budget_permits(&req, cfg.payload_budget);
+            if budget.available_permits() < permits && !batch.send(ctx).await {
+                return Ok(());
             }
-            .instrument(span),
-        );
+            budget_permit = budget.clone().acquire_many_owned(permits as u32).await.ok();
+        }
+        let pass = Pass {
+            _admission: admission,
+            _budget: budget_permit,
+            _slot: slot,
+        };
+        let span = tracing::debug_span!("nbd_req", cookie = req.cookie, cmd = ?req.command);
+        let mut run: Execution = {
+            let ctx = ctx.clone();
+            Box::pin(async move { execute(&ctx, &req, payload).await })
+        };
+        let first =
+            std::future::poll_fn(|cx| Poll::Ready(span.in_scope(|| run.as_mut().poll(cx)))).await;
+        match first {
+            Poll::Ready(frame) => {
+                batch.push(frame, Some(pass));
+                if batch.bytes >= BATCH_BYTES && !batch.send(ctx).await {
+                    return Ok(());
+                }
+            }
+            Poll::Pending => {
+                let ctx = ctx.clone();
+                requests.spawn(
+                    async move {
+                        let frame = run.await;
+                        // Send before releasing the pass: drained writes have queued replies.
+                        let _ = ctx.replies.send(frame).await;
+                        drop(pass);
+                    }
+                    .instrument(span),
+                );
+            }
+        }
     }
+}
+
+/// Byte-budget permits a READ or WRITE payload holds.
+fn budget_permits(req: &Request, budget_total: u32) -> usize {
+    req.length.clamp(1, budget_total) as usize
 }
 
 /// Short text for an error chunk of a request refused before it reached the device.
@@ -733,10 +911,18 @@ async fn read_payload<R: AsyncRead + Unpin>(
         .await?;
         return Ok((Bytes::new(), None));
     }
-    let permits = req.length.clamp(1, budget_total);
+    let permits = budget_permits(req, budget_total) as u32;
     let permit = budget.clone().acquire_many_owned(permits).await.ok();
-    let mut buf = BytesMut::zeroed(req.length as usize);
-    rd.read_exact(&mut buf).await?;
+    // Read straight into uninitialised capacity (no zero-fill): `read_buf` only exposes
+    // bytes the reader has written, and `limit` stops it at the payload's end.
+    let len = req.length as usize;
+    let mut buf = BytesMut::with_capacity(len);
+    while buf.len() < len {
+        let left = len - buf.len();
+        if rd.read_buf(&mut (&mut buf).limit(left)).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
     Ok((buf.freeze(), permit))
 }
 

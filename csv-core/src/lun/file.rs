@@ -25,6 +25,8 @@ use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::Relaxed;
 
 use bytes::Bytes;
 
@@ -55,6 +57,9 @@ pub struct FileLun {
     size: u64,
     opts: FileLunOptions,
     block_device: bool,
+    /// Buffered writes are first tried with `RWF_NOWAIT` (cleared once the file system
+    /// answers `EOPNOTSUPP`).
+    nowait_writes: AtomicBool,
 }
 
 thread_local! {
@@ -237,23 +242,31 @@ fn io_err(op: &'static str, offset: u64) -> impl FnOnce(io::Error) -> LunError {
 /// Tries a buffered read on the calling (async) thread with `RWF_NOWAIT`: it succeeds only
 /// when the page cache serves it without blocking. `None` (would block, unsupported, short)
 /// sends the caller to the blocking pool, which saves two thread hand-offs per cached read.
-fn read_nowait(file: &File, buf: &mut [u8], offset: u64) -> Option<()> {
+/// The buffer is not zeroed first: its bytes are exposed only after the kernel filled all.
+fn read_nowait(file: &File, len: usize, offset: u64) -> Option<Vec<u8>> {
     let off = i64::try_from(offset).ok()?;
+    let mut buf: Vec<u8> = Vec::with_capacity(len);
     let iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
+        iov_len: len,
     };
-    // SAFETY: `iov` points at `buf`, valid and exclusively borrowed for the call; the fd is
-    // owned by `file`, which outlives the call.
+    // SAFETY: `iov` points at the `len` bytes of capacity of `buf`, owned here and not
+    // otherwise referenced during the call; the fd is owned by `file`, which outlives it.
     let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
-    (n >= 0 && n as usize == buf.len()).then_some(())
+    if n < 0 || n as usize != len {
+        return None;
+    }
+    // SAFETY: the kernel initialised all `len` bytes (a full read), within the capacity.
+    unsafe { buf.set_len(len) };
+    Some(buf)
 }
 
 /// Like [`read_nowait`] for a buffered write; returns the bytes written (possibly fewer than
-/// asked, the rest then goes through the blocking pool).
-fn write_nowait(file: &File, data: &[u8], offset: u64) -> usize {
+/// asked, the rest then goes through the blocking pool), or `Err(())` when the file does not
+/// support `RWF_NOWAIT` writes at all.
+fn write_nowait(file: &File, data: &[u8], offset: u64) -> Result<usize, ()> {
     let Ok(off) = i64::try_from(offset) else {
-        return 0;
+        return Ok(0);
     };
     let iov = libc::iovec {
         iov_base: data.as_ptr().cast_mut().cast(),
@@ -262,7 +275,11 @@ fn write_nowait(file: &File, data: &[u8], offset: u64) -> usize {
     // SAFETY: `iov` points at `data`, valid for the call (pwritev2 only reads it); the fd is
     // owned by `file`, which outlives the call.
     let n = unsafe { libc::pwritev2(file.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
-    usize::try_from(n).unwrap_or(0)
+    match usize::try_from(n) {
+        Ok(n) => Ok(n),
+        Err(_) if io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP) => Err(()),
+        Err(_) => Ok(0),
+    }
 }
 
 /// Runs a blocking closure: inline inside an [`InlineIo`] scope, otherwise on tokio's
@@ -351,6 +368,7 @@ impl FileLun {
             size,
             opts,
             block_device,
+            nowait_writes: AtomicBool::new(true),
         })
     }
 
@@ -418,11 +436,11 @@ impl Lun for FileLun {
             }
             let file = self.file.clone();
             let direct = self.opts.direct;
-            if !direct && !InlineIo::is_entered() {
-                let mut buf = vec![0u8; len];
-                if read_nowait(&file, &mut buf, offset).is_some() {
-                    return Ok(Bytes::from(buf));
-                }
+            if !direct
+                && !InlineIo::is_entered()
+                && let Some(buf) = read_nowait(&file, len, offset)
+            {
+                return Ok(Bytes::from(buf));
             }
             blocking("read", offset, move || {
                 let buf =
@@ -443,8 +461,16 @@ impl Lun for FileLun {
             let file = self.file.clone();
             let direct = self.opts.direct;
             let (mut offset, mut data) = (offset, data);
-            if !direct && !fua && !InlineIo::is_entered() {
-                let done = write_nowait(&file, &data, offset);
+            if !direct && !fua && !InlineIo::is_entered() && self.nowait_writes.load(Relaxed) {
+                let done = match write_nowait(&file, &data, offset) {
+                    Ok(n) => n,
+                    Err(()) => {
+                        // The file system never accepts non-blocking buffered writes
+                        // (ext4 among them): stop paying a syscall per write to learn it.
+                        self.nowait_writes.store(false, Relaxed);
+                        0
+                    }
+                };
                 if done == data.len() {
                     return Ok(());
                 }

@@ -696,24 +696,34 @@ impl Shared {
     ) -> VolumeResult<usize> {
         let bs = self.bs;
         let (first, last) = (offset / bs, end.div_ceil(bs));
-        let fast = offset.is_multiple_of(self.align) && end.is_multiple_of(self.align) && {
-            let c = lock(&fs.core);
-            c.map.runs(first, last).iter().all(|r| {
-                matches!(
-                    r.kind,
-                    RunKind::Mapped {
-                        state: ExtentState::Written,
-                        ..
-                    }
-                )
-            })
+        let aligned = offset.is_multiple_of(self.align) && end.is_multiple_of(self.align);
+        let (fast, runs) = {
+            let mut c = lock(&fs.core);
+            let runs = c.map.runs(first, last);
+            let fast = aligned
+                && runs.iter().all(|r| {
+                    matches!(
+                        r.kind,
+                        RunKind::Mapped {
+                            state: ExtentState::Written,
+                            ..
+                        }
+                    )
+                });
+            if fast {
+                c.unflushed = true;
+            }
+            (fast, runs)
         };
-        let _serial = if fast {
-            None
+        // Written extents keep their mapping under the shared `io` guard (only `io`-exclusive
+        // operations remap them), so the fast path may use the runs it just checked; the
+        // others look again under `write_serial`.
+        let (_serial, runs) = if fast {
+            (None, runs)
         } else {
-            Some(fs.write_serial.lock().await)
+            let g = fs.write_serial.lock().await;
+            (Some(g), lock(&fs.core).map.runs(first, last))
         };
-        let runs = lock(&fs.core).map.runs(first, last);
         let holes: u64 = runs
             .iter()
             .filter(|r| r.kind == RunKind::Hole)
@@ -725,7 +735,9 @@ impl Shared {
             Vec::new()
         };
         let session = self.meta.session();
-        lock(&fs.core).unflushed = true;
+        if !fast {
+            lock(&fs.core).unflushed = true;
+        }
         let result = self
             .write_runs(fs, offset, end, &data, &runs, &mut fresh)
             .await;
