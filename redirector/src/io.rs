@@ -532,14 +532,45 @@ impl Inner {
     async fn try_direct(self: &Arc<Self>, io: &IoOp) -> Outcome {
         bump(&self.counters.direct_attempts);
         let op = self.new_op(&mut self.lock());
-        let mut task = tokio::spawn(exec_direct(self.direct.clone(), io.clone()));
-        match tokio::time::timeout(self.io_timeout(), &mut task).await {
-            Ok(Ok(Ok(b))) => {
+        // Polled once here first: a page-cache hit completes without a task, a timer or a
+        // thread wake-up. Only an I/O that has to wait becomes a task of its own, which a
+        // timeout can leave running (its outcome is then unknown, see below).
+        let mut io_fut = Box::pin(exec_direct(self.direct.clone(), io.clone()));
+        let first =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(io_fut.as_mut().poll(cx))).await;
+        let done = match first {
+            std::task::Poll::Ready(r) => r,
+            std::task::Poll::Pending => {
+                let mut task = tokio::spawn(io_fut);
+                match tokio::time::timeout(self.io_timeout(), &mut task).await {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(join)) => {
+                        tracing::error!(node = self.node, error = %join, "direct I/O task failed");
+                        self.event(Event::IoFailed {
+                            fault: crate::policy::PathFault::Io,
+                        });
+                        return Outcome::Failed;
+                    }
+                    Err(_) => {
+                        bump(&self.counters.timeouts);
+                        tracing::warn!(node = self.node, op = io_name(io), "direct I/O timed out");
+                        self.event(Event::IoTimedOut { op });
+                        let path = self.direct.clone();
+                        return Outcome::Unknown(Box::pin(async move {
+                            let _ = task.await;
+                            let _ = path.settled().await;
+                        }));
+                    }
+                }
+            }
+        };
+        match done {
+            Ok(b) => {
                 self.lock().last_direct_ok = self.now();
                 self.event(Event::IoOk);
                 Outcome::Done(b)
             }
-            Ok(Ok(Err(e))) => match Event::from_lun_error(op, &e) {
+            Err(e) => match Event::from_lun_error(op, &e) {
                 None => Outcome::Refused(e),
                 Some(ev) => {
                     tracing::debug!(node = self.node, error = %e, "direct I/O failed");
@@ -554,23 +585,6 @@ impl Inner {
                     }
                 }
             },
-            Ok(Err(join)) => {
-                tracing::error!(node = self.node, error = %join, "direct I/O task failed");
-                self.event(Event::IoFailed {
-                    fault: crate::policy::PathFault::Io,
-                });
-                Outcome::Failed
-            }
-            Err(_) => {
-                bump(&self.counters.timeouts);
-                tracing::warn!(node = self.node, op = io_name(io), "direct I/O timed out");
-                self.event(Event::IoTimedOut { op });
-                let path = self.direct.clone();
-                Outcome::Unknown(Box::pin(async move {
-                    let _ = task.await;
-                    let _ = path.settled().await;
-                }))
-            }
         }
     }
 
