@@ -117,6 +117,64 @@ impl Extent {
     }
 }
 
+/// Extents keyed by their first file block, none overlapping: the one representation of a
+/// file's block map, shared by the state machine and the volume layer's cache.
+pub type ExtentTree = std::collections::BTreeMap<u64, Extent>;
+
+/// Extents of `map` overlapping file blocks `[first, end)`, whole, in file order.
+pub fn extents_overlapping(
+    map: &ExtentTree,
+    first: u64,
+    end: u64,
+) -> impl Iterator<Item = &Extent> {
+    let before = map
+        .range(..first)
+        .next_back()
+        .map(|(_, e)| e)
+        .filter(|e| e.file_end() > first);
+    before
+        .into_iter()
+        .chain(map.range(first..end.max(first)).map(|(_, e)| e))
+}
+
+/// Removes the mapping of file blocks `[first, end)` from `map`, splitting extents at the
+/// edges; returns the removed pieces in file order.
+pub fn cut_extents(map: &mut ExtentTree, first: u64, end: u64) -> Vec<Extent> {
+    if first >= end {
+        return Vec::new();
+    }
+    let hit: Vec<Extent> = extents_overlapping(map, first, end).copied().collect();
+    let mut removed = Vec::with_capacity(hit.len());
+    for e in hit {
+        map.remove(&e.file_block);
+        if e.file_block < first {
+            let keep = first - e.file_block;
+            map.insert(e.file_block, Extent { len: keep, ..e });
+        }
+        if e.file_end() > end {
+            let skip = end - e.file_block;
+            map.insert(
+                end,
+                Extent {
+                    file_block: end,
+                    lun_block: e.lun_block + skip,
+                    len: e.len - skip,
+                    state: e.state,
+                },
+            );
+        }
+        let lo = e.file_block.max(first);
+        let hi = e.file_end().min(end);
+        removed.push(Extent {
+            file_block: lo,
+            lun_block: e.lun_block + (lo - e.file_block),
+            len: hi - lo,
+            state: e.state,
+        });
+    }
+    removed
+}
+
 /// A run of LUN blocks (free space, a reservation, or space to discard).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct BlockRange {

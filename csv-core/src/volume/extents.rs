@@ -56,53 +56,15 @@ impl ExtentMap {
 
     /// Extents overlapping `[first, end)`, whole, in file order.
     pub fn overlapping(&self, first: u64, end: u64) -> Vec<Extent> {
-        let before = self
-            .map
-            .range(..first)
-            .next_back()
-            .map(|(_, e)| *e)
-            .filter(|e| e.file_end() > first);
-        before
-            .into_iter()
-            .chain(self.map.range(first..end.max(first)).map(|(_, e)| *e))
+        crate::meta::extents_overlapping(&self.map, first, end)
+            .copied()
             .collect()
     }
 
     /// Removes the mapping of `[first, end)`, splitting extents at the edges; returns the
     /// removed pieces in file order.
     pub fn cut(&mut self, first: u64, end: u64) -> Vec<Extent> {
-        if first >= end {
-            return Vec::new();
-        }
-        let mut removed = Vec::new();
-        for e in self.overlapping(first, end) {
-            self.map.remove(&e.file_block);
-            if e.file_block < first {
-                let keep = first - e.file_block;
-                self.map.insert(e.file_block, Extent { len: keep, ..e });
-            }
-            if e.file_end() > end {
-                let skip = end - e.file_block;
-                self.map.insert(
-                    end,
-                    Extent {
-                        file_block: end,
-                        lun_block: e.lun_block + skip,
-                        len: e.len - skip,
-                        state: e.state,
-                    },
-                );
-            }
-            let lo = e.file_block.max(first);
-            let hi = e.file_end().min(end);
-            removed.push(Extent {
-                file_block: lo,
-                lun_block: e.lun_block + (lo - e.file_block),
-                len: hi - lo,
-                state: e.state,
-            });
-        }
-        removed
+        crate::meta::cut_extents(&mut self.map, first, end)
     }
 
     /// Maps `e`, replacing whatever mapped its file range, and merges neighbours.

@@ -171,7 +171,7 @@ pub(crate) fn coalesce(mut v: Vec<BlockRange>) -> Vec<BlockRange> {
 }
 
 /// A file's extent map: `file_block -> Extent`.
-pub(crate) type ExtentMap = BTreeMap<u64, Extent>;
+pub(crate) type ExtentMap = csv_core::meta::ExtentTree;
 
 /// The extent containing file block `fb`, if any.
 pub(crate) fn extent_at(map: &ExtentMap, fb: u64) -> Option<&Extent> {
@@ -181,52 +181,13 @@ pub(crate) fn extent_at(map: &ExtentMap, fb: u64) -> Option<&Extent> {
 
 /// Extents overlapping file blocks `[first, end)`, in file order.
 pub(crate) fn overlapping(map: &ExtentMap, first: u64, end: u64) -> impl Iterator<Item = &Extent> {
-    let before = map
-        .range(..first)
-        .next_back()
-        .map(|(_, e)| e)
-        .filter(|e| e.file_end() > first);
-    before
-        .into_iter()
-        .chain(map.range(first..end.max(first)).map(|(_, e)| e))
+    csv_core::meta::extents_overlapping(map, first, end)
 }
 
 /// Removes the mapping of file blocks `[first, end)`, splitting extents at the edges.
 /// Returns the removed pieces (in file order).
 pub(crate) fn cut(map: &mut ExtentMap, first: u64, end: u64) -> Vec<Extent> {
-    if first >= end {
-        return Vec::new();
-    }
-    let hit: Vec<Extent> = overlapping(map, first, end).copied().collect();
-    let mut removed = Vec::with_capacity(hit.len());
-    for e in hit {
-        map.remove(&e.file_block);
-        if e.file_block < first {
-            let keep = first - e.file_block;
-            map.insert(e.file_block, Extent { len: keep, ..e });
-        }
-        if e.file_end() > end {
-            let skip = end - e.file_block;
-            map.insert(
-                end,
-                Extent {
-                    file_block: end,
-                    lun_block: e.lun_block + skip,
-                    len: e.len - skip,
-                    state: e.state,
-                },
-            );
-        }
-        let lo = e.file_block.max(first);
-        let hi = e.file_end().min(end);
-        removed.push(Extent {
-            file_block: lo,
-            lun_block: e.lun_block + (lo - e.file_block),
-            len: hi - lo,
-            state: e.state,
-        });
-    }
-    removed
+    csv_core::meta::cut_extents(map, first, end)
 }
 
 fn mergeable(a: &Extent, b: &Extent) -> bool {
