@@ -407,6 +407,18 @@ fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
+static SPAWNER: std::sync::Mutex<Option<crate::spawner::Spawner>> = std::sync::Mutex::new(None);
+
+fn lock_spawner() -> std::sync::MutexGuard<'static, Option<crate::spawner::Spawner>> {
+    SPAWNER.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// From now on [`start_node`] starts nodes through `spawner` (see `crate::spawner`), or
+/// directly again with `None`. Returns the one it replaces.
+pub fn use_spawner(spawner: Option<crate::spawner::Spawner>) -> Option<crate::spawner::Spawner> {
+    std::mem::replace(&mut *lock_spawner(), spawner)
+}
+
 /// Starts node `id`'s csvd from its `node.toml`; returns its pid.
 pub fn start_node(
     dir: &Path,
@@ -424,9 +436,14 @@ pub fn start_node(
         Some(n) => crate::netns::command(&n, id, csvd),
         None => Command::new(csvd),
     };
+    cmd.arg("--config").arg(nd.join("node.toml"));
+    if let Some(spawner) = lock_spawner().as_mut() {
+        let spec = crate::spawner::SpawnSpec::from_command(&cmd, &nd.join("csvd.log"));
+        return spawner
+            .spawn(&spec)
+            .with_context(|| format!("cannot start {}", csvd.display()));
+    }
     let child = cmd
-        .arg("--config")
-        .arg(nd.join("node.toml"))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)

@@ -17,6 +17,7 @@ pub mod fsck;
 pub mod netns;
 pub mod redirect;
 pub mod redirect_bench;
+pub mod spawner;
 pub mod workload;
 
 /// Sets up logging to stderr with `filter` (overridden by `RUST_LOG`).

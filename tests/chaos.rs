@@ -898,7 +898,7 @@ async fn run_valid(o: &ChaosOptions, keep: &Path) -> Report {
 }
 
 /// The length of the SAN path and partition runs, in seconds.
-const LAN_SAN_RUN_S: f64 = 24.0;
+const LAN_SAN_RUN_S: f64 = 30.0;
 
 /// Longer faults than CI's default shape: a hung path is detected after the redirector's
 /// 1 s I/O timeout, and a partition outlasts an election.
@@ -925,7 +925,10 @@ fn seed_with(
     (1u64..)
         .find(|&s| {
             let p = schedule::plan(s, &[1, 2, 3], run_s, kinds, lan_san_shape());
-            let slack = run_s - lan_san_shape().tail_s - 6.0;
+            // Each kind must be planned early enough to survive the waits for recovery
+            // before each fault (a node failing back to direct I/O takes seconds; under
+            // load one wait reached 3.7 s and pushed a late fault past the end).
+            let slack = run_s - lan_san_shape().tail_s - 12.0;
             kinds.iter().all(|k| {
                 p.iter()
                     .any(|f| f.kind == *k && f.at_s + f.duration_s <= slack)

@@ -167,3 +167,22 @@ fn csvctl_format_refuses_to_overwrite_a_volume_without_force() {
     let v: serde_json::Value = serde_json::from_slice(&forced.stdout).unwrap();
     assert_ne!(v["volume_uuid"], uuid.as_str());
 }
+
+/// The harness starts processes through `csvctl __spawner` (see `src/spawner.rs`).
+#[test]
+fn the_spawner_starts_programs_with_their_arguments_and_log_and_reports_failures() {
+    use csvd::spawner::{SpawnSpec, Spawner};
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("out.log");
+    let mut s = Spawner::start(std::path::Path::new(env!("CARGO_BIN_EXE_csvctl"))).unwrap();
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c").arg("echo hello $0").arg("there");
+    let pid = s.spawn(&SpawnSpec::from_command(&cmd, &log)).unwrap();
+    assert!(pid > 0);
+    common::wait_until(std::time::Duration::from_secs(10), "the output", || {
+        std::fs::read_to_string(&log).unwrap_or_default() == "hello there\n"
+    });
+    let missing = SpawnSpec::from_command(&Command::new("/nonexistent/x"), &log);
+    let e = s.spawn(&missing).unwrap_err();
+    assert!(e.to_string().contains("/nonexistent/x"), "{e}");
+}

@@ -239,7 +239,22 @@ pub async fn run(opts: &ChaosOptions) -> Result<Report, ChaosError> {
         csvd: opts.csvd.clone(),
     };
 
+    // Nodes restarted while the workloads hold files open on the mounts are started by a
+    // spawner that holds none (see `crate::spawner`); without one (no `csvctl` beside
+    // `csvd`) they are started directly, and a start may wait for every node's FLUSH.
+    let csvctl = opts.csvd.with_file_name("csvctl");
+    match crate::spawner::Spawner::start(&csvctl) {
+        Ok(s) => {
+            cluster::use_spawner(Some(s));
+        }
+        Err(e) => tracing::warn!(
+            csvctl = %csvctl.display(),
+            error = %e,
+            "no spawner; nodes are restarted directly by the harness"
+        ),
+    }
     let result = run_on(opts, &mut ctl, &mut nemeses, workloads).await;
+    cluster::use_spawner(None);
 
     if owned {
         if let Err(e) = cluster::down(&dir, &mut ctl.children).await {
