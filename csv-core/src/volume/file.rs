@@ -640,17 +640,11 @@ impl Shared {
     /// at once. (The lease, not the wait, is the safety: no LUN write is issued without it.)
     async fn lease_for(&self, fs: &FileState) -> VolumeResult<()> {
         let held = lock(&fs.core).lock.map(|h| h.session);
-        let deadline = Instant::now() + LEASE_WAIT;
-        loop {
-            match (self.meta.session(), held) {
-                (Some(s), Some(h)) if s == h => return Ok(()),
-                (Some(_), Some(_)) => return Err(VolumeError::Fenced),
-                (Some(_), None) => return Ok(()),
-                (None, _) if Instant::now() < deadline => {
-                    tokio::time::sleep(LEASE_POLL).await;
-                }
-                (None, _) => return Err(VolumeError::Fenced),
-            }
+        self.wait_session().await;
+        match (self.meta.session(), held) {
+            (Some(s), Some(h)) if s != h => Err(VolumeError::Fenced),
+            (Some(_), _) => Ok(()),
+            (None, _) => Err(VolumeError::Fenced),
         }
     }
 
