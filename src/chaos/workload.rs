@@ -106,6 +106,19 @@ pub struct WorkloadEnv {
     pub seed: u64,
 }
 
+impl WorkloadEnv {
+    /// The first node's mount, where a workload creates its files.
+    pub fn first_mount(&self, workload: &'static str) -> Result<PathBuf, WorkloadError> {
+        self.mounts
+            .first()
+            .map(|(_, m)| m.clone())
+            .ok_or_else(|| WorkloadError::Setup {
+                workload,
+                why: "no nodes".into(),
+            })
+    }
+}
+
 /// A client of the cluster that records its operations.
 pub trait Workload: Send + Sync {
     fn name(&self) -> &'static str;

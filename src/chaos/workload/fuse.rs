@@ -434,11 +434,7 @@ impl Workload for FuseWorkload {
                 workload: "fuse",
                 why,
             };
-            let (_, mount) = env
-                .mounts
-                .first()
-                .cloned()
-                .ok_or_else(|| err("no nodes".into()))?;
+            let mount = env.first_mount("fuse")?;
             self.dir = format!("chaos-fuse-{}-{:08x}", env.seed, rand::random::<u32>());
             let dir = mount.join(&self.dir);
             sys(move || std::fs::create_dir(dir))

@@ -397,11 +397,7 @@ impl Workload for NbdWorkload {
                 workload: "nbd",
                 why,
             };
-            let (_, mount) = env
-                .mounts
-                .first()
-                .cloned()
-                .ok_or_else(|| err("no nodes".into()))?;
+            let mount = env.first_mount("nbd")?;
             let dir = format!(
                 "{EXPORT_DIR_PREFIX}{}-{:08x}",
                 env.seed,
