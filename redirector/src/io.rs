@@ -157,6 +157,9 @@ struct State {
     /// When a direct request last succeeded (the idle health probe skips busy paths).
     last_direct_ok: Millis,
     idle_probe_running: bool,
+    /// When the timer task wakes up next on its own (it naps at most `MAX_NAP`); an event
+    /// kicks it only when the policy's next deadline comes earlier.
+    timer_until: Millis,
 }
 
 struct Inner {
@@ -237,6 +240,7 @@ impl RedirectingLun {
                 peers: BTreeMap::new(),
                 last_direct_ok: 0,
                 idle_probe_running: false,
+                timer_until: 0,
             }),
             route_tx: watch::channel(0).0,
             admit_tx: watch::channel(0).0,
@@ -352,19 +356,18 @@ async fn run_timer(weak: Weak<Inner>, kick: Arc<Notify>) {
     loop {
         let until = {
             let Some(inner) = weak.upgrade() else { return };
-            let cmds = {
-                let mut st = inner.lock();
-                let now = inner.now();
-                let cmds = st.policy.handle(now, Event::Tick);
-                inner.run_commands(cmds);
-                inner.maybe_idle_probe(&mut st, now);
-                st.policy.next_deadline()
-            };
+            let mut st = inner.lock();
+            let now = inner.now();
+            let cmds = st.policy.handle(now, Event::Tick);
+            inner.run_commands(cmds);
+            inner.maybe_idle_probe(&mut st, now);
             let now = Instant::now();
             let cap = now + MAX_NAP;
-            cmds.map_or(cap, |d| {
+            let until = st.policy.next_deadline().map_or(cap, |d| {
                 inner.at(d).clamp(now + Duration::from_millis(1), cap)
-            })
+            });
+            st.timer_until = until.saturating_duration_since(inner.epoch).as_millis() as Millis;
+            until
         };
         tokio::select! {
             _ = tokio::time::sleep_until(until) => {}
@@ -403,8 +406,15 @@ impl Inner {
         let now = self.now();
         let cmds = st.policy.handle(now, ev);
         self.run_commands(cmds);
-        // A deadline may have moved.
-        self.timer.notify_one();
+        // Kick the timer only when a deadline now comes before its wake-up: this runs for
+        // every completed I/O, and waking a task per request costs more than the request.
+        if st
+            .policy
+            .next_deadline()
+            .is_some_and(|d| d < st.timer_until)
+        {
+            self.timer.notify_one();
+        }
     }
 
     /// Carries out policy commands in order. `ResolveUnknown` needs nothing here: the attempt
