@@ -60,11 +60,13 @@ pub(crate) struct Admission {
 impl Drop for Admission {
     fn drop(&mut self) {
         let write = self.write;
-        self.gate.send_modify(|g| {
+        // Waiters only wait for a count to reach zero: wake them then, not on every request.
+        self.gate.send_if_modified(|g| {
             g.requests -= 1;
             if write {
                 g.writes -= 1;
             }
+            g.requests == 0 || (write && g.writes == 0)
         });
     }
 }
@@ -158,7 +160,8 @@ impl ConnectionHandle {
                 g.writes += 1;
             }
             admitted = true;
-            true
+            // Nobody waits for a count to grow.
+            false
         });
         if admitted {
             Ok(Admission {
