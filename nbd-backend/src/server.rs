@@ -33,6 +33,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
 
+use csv_core::lun::bufpool::BufPool;
+
 use crate::connection::{Admission, ConnectionEvents, ConnectionHandle, ConnectionId};
 use crate::export::{
     BlockDevice, DeviceError, ExportError, ExportProvider, Extent, OpenPurpose, ReadChunk, ZeroMode,
@@ -124,7 +126,12 @@ struct Shared {
     tasks: TaskTracker,
     conns: Mutex<HashMap<ConnectionId, ConnectionHandle>>,
     next_id: AtomicU64,
+    /// Large WRITE payload buffers, recycled while still warm in the CPU cache.
+    payload_bufs: Arc<BufPool>,
 }
+
+/// Idle WRITE payload buffers the server keeps.
+const PAYLOAD_BUFS_KEPT: usize = 16;
 
 impl NbdServer {
     pub fn new(
@@ -141,6 +148,7 @@ impl NbdServer {
                 tasks: TaskTracker::new(),
                 conns: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
+                payload_bufs: BufPool::new(PAYLOAD_BUFS_KEPT),
             }),
         }
     }
@@ -814,7 +822,7 @@ where
             biased;
             _ = kill.cancelled() => return Ok(()),
             _ = &mut grace => return Ok(()),
-            p = read_payload(rd, &req, check.is_ok(), &budget, cfg.payload_budget) => p?,
+            p = read_payload(rd, &req, check.is_ok(), &budget, cfg.payload_budget, &shared.payload_bufs) => p?,
         };
         let writes = matches!(
             req.command,
@@ -899,6 +907,7 @@ async fn read_payload<R: AsyncRead + Unpin>(
     accepted: bool,
     budget: &Arc<Semaphore>,
     budget_total: u32,
+    bufs: &Arc<BufPool>,
 ) -> io::Result<(Bytes, Option<OwnedSemaphorePermit>)> {
     if !req.command.has_payload() {
         return Ok((Bytes::new(), None));
@@ -916,14 +925,15 @@ async fn read_payload<R: AsyncRead + Unpin>(
     // Read straight into uninitialised capacity (no zero-fill): `read_buf` only exposes
     // bytes the reader has written, and `limit` stops it at the payload's end.
     let len = req.length as usize;
-    let mut buf = BytesMut::with_capacity(len);
+    let mut buf = bufs.take(len);
     while buf.len() < len {
         let left = len - buf.len();
         if rd.read_buf(&mut (&mut buf).limit(left)).await? == 0 {
+            bufs.give_back(buf);
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
     }
-    Ok((buf.freeze(), permit))
+    Ok((bufs.freeze(buf), permit))
 }
 
 /// Checks a request against the negotiated state and the device, in the order the spec's

@@ -1,7 +1,8 @@
 //! [`FileLun`]: the LUN as a regular file or a block device (`/dev/...`).
 //!
-//! All I/O is positional (`pread`/`pwrite`). It runs on tokio's blocking pool, never on a
-//! runtime worker, except on a thread that entered [`InlineIo`] (a protocol thread that
+//! All I/O is positional (`pread`/`pwrite`). Reads and writes run on the LUN's own few I/O
+//! threads ([`IoPool`]); flushes, FUA writes, discards and zeroing, which may wait for the
+//! device, run on tokio's blocking pool. Nothing blocks a runtime worker, except on a thread that entered [`InlineIo`] (a protocol thread that
 //! is not a runtime worker, such as a FUSE request thread): there the syscall runs inline,
 //! which saves the two thread hand-offs per request that dominate small I/O. Invariants:
 //! - the size is fixed at open (file length, or the device size found by seeking to its end);
@@ -30,6 +31,8 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use bytes::Bytes;
 
+use super::bufpool::BufPool;
+use super::iopool::IoPool;
 use super::{Lun, LunError, LunFuture, check_aligned, check_range};
 
 /// Alignment (and buffer alignment) required with O_DIRECT.
@@ -60,11 +63,28 @@ pub struct FileLun {
     /// Buffered writes are first tried with `RWF_NOWAIT` (cleared once the file system
     /// answers `EOPNOTSUPP`).
     nowait_writes: AtomicBool,
+    /// Runs reads and writes that cannot complete on the calling thread.
+    pool: IoPool,
+    /// Large buffers of page-cache reads, recycled while still warm in the CPU cache.
+    bufs: Arc<BufPool>,
 }
+
+/// Idle read buffers a LUN keeps (a few MiB at most: 1 MiB reads at queue depth 8-16).
+const READ_BUFS_KEPT: usize = 16;
+
+/// I/O threads of a buffered LUN: page-cache copies are short, so two threads keep the
+/// queue moving (one may sleep in write-back throttling) without waking a thread per request.
+const BUFFERED_IO_THREADS: usize = 2;
+/// I/O threads of an O_DIRECT LUN: each request waits for the device, so the pool must hold
+/// as many requests in flight as the device can take.
+const DIRECT_IO_THREADS: usize = 32;
 
 thread_local! {
     /// Set while the current thread is inside an [`InlineIo`] scope.
     static INLINE_IO: Cell<bool> = const { Cell::new(false) };
+    /// Set for good on threads dedicated to a frontend's I/O, see
+    /// [`InlineIo::allow_page_cache_io_on_this_thread`].
+    static PAGE_CACHE_IO: Cell<bool> = const { Cell::new(false) };
 }
 
 /// While alive, [`FileLun`] requests polled on this thread run their syscalls inline
@@ -96,6 +116,25 @@ impl InlineIo {
     /// True when the current thread is inside an [`InlineIo`] scope.
     pub fn is_entered() -> bool {
         INLINE_IO.with(Cell::get)
+    }
+
+    /// From now on, buffered (not O_DIRECT, not FUA) reads and writes polled on this thread
+    /// run inline: a page-cache copy is cheaper than the two thread hand-offs that moving it to
+    /// an I/O thread costs. Reads that would have to wait for the disk still go to the I/O
+    /// threads; O_DIRECT I/O and syncs always do.
+    ///
+    /// Call it only on threads that serve frontend I/O and nothing else, e.g. the worker
+    /// threads of the NBD server's own runtime (`on_thread_start`): a write that is throttled
+    /// by write-back then delays that frontend's requests (back-pressure), never the Raft
+    /// node, leases or timers, which run on another runtime.
+    pub fn allow_page_cache_io_on_this_thread() {
+        PAGE_CACHE_IO.with(|c| c.set(true));
+    }
+
+    /// True when buffered reads and writes may run inline on this thread (inside an
+    /// [`InlineIo`] scope, or after [`InlineIo::allow_page_cache_io_on_this_thread`]).
+    pub fn page_cache_allowed() -> bool {
+        Self::is_entered() || PAGE_CACHE_IO.with(Cell::get)
     }
 }
 
@@ -243,9 +282,9 @@ fn io_err(op: &'static str, offset: u64) -> impl FnOnce(io::Error) -> LunError {
 /// when the page cache serves it without blocking. `None` (would block, unsupported, short)
 /// sends the caller to the blocking pool, which saves two thread hand-offs per cached read.
 /// The buffer is not zeroed first: its bytes are exposed only after the kernel filled all.
-fn read_nowait(file: &File, len: usize, offset: u64) -> Option<Vec<u8>> {
+fn read_nowait(file: &File, len: usize, offset: u64, bufs: &Arc<BufPool>) -> Option<Bytes> {
     let off = i64::try_from(offset).ok()?;
-    let mut buf: Vec<u8> = Vec::with_capacity(len);
+    let mut buf = bufs.take(len);
     let iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: len,
@@ -254,11 +293,12 @@ fn read_nowait(file: &File, len: usize, offset: u64) -> Option<Vec<u8>> {
     // otherwise referenced during the call; the fd is owned by `file`, which outlives it.
     let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
     if n < 0 || n as usize != len {
+        bufs.give_back(buf);
         return None;
     }
     // SAFETY: the kernel initialised all `len` bytes (a full read), within the capacity.
     unsafe { buf.set_len(len) };
-    Some(buf)
+    Some(bufs.freeze(buf))
 }
 
 /// Like [`read_nowait`] for a buffered write; returns the bytes written (possibly fewer than
@@ -282,8 +322,26 @@ fn write_nowait(file: &File, data: &[u8], offset: u64) -> Result<usize, ()> {
     }
 }
 
-/// Runs a blocking closure: inline inside an [`InlineIo`] scope, otherwise on tokio's
-/// blocking pool.
+/// Runs a read or write: inline inside an [`InlineIo`] scope, otherwise on the LUN's own
+/// I/O threads.
+async fn on_pool<T: Send + 'static>(
+    pool: &IoPool,
+    op: &'static str,
+    offset: u64,
+    f: impl FnOnce() -> Result<T, LunError> + Send + 'static,
+) -> Result<T, LunError> {
+    if InlineIo::is_entered() {
+        return f();
+    }
+    match pool.run(f).await {
+        Ok(res) => res,
+        Err(source) => Err(LunError::Io { op, offset, source }),
+    }
+}
+
+/// Runs a rare, possibly long operation (flush, discard, zeroing): inline inside an
+/// [`InlineIo`] scope, otherwise on tokio's blocking pool, so that it never holds up the
+/// LUN's read/write threads.
 async fn blocking<T: Send + 'static>(
     op: &'static str,
     offset: u64,
@@ -369,6 +427,15 @@ impl FileLun {
             opts,
             block_device,
             nowait_writes: AtomicBool::new(true),
+            pool: IoPool::new(
+                "csv-lun-io",
+                if opts.direct {
+                    DIRECT_IO_THREADS
+                } else {
+                    BUFFERED_IO_THREADS
+                },
+            ),
+            bufs: BufPool::new(READ_BUFS_KEPT),
         })
     }
 
@@ -438,11 +505,11 @@ impl Lun for FileLun {
             let direct = self.opts.direct;
             if !direct
                 && !InlineIo::is_entered()
-                && let Some(buf) = read_nowait(&file, len, offset)
+                && let Some(buf) = read_nowait(&file, len, offset, &self.bufs)
             {
-                return Ok(Bytes::from(buf));
+                return Ok(buf);
             }
-            blocking("read", offset, move || {
+            on_pool(&self.pool, "read", offset, move || {
                 let buf =
                     AlignedBuf::read_from(&file, offset, len).map_err(io_err("read", offset))?;
                 Ok(Bytes::from_owner(buf))
@@ -477,8 +544,15 @@ impl Lun for FileLun {
                 offset += done as u64;
                 data = data.slice(done..);
             }
+            if !direct && !fua && InlineIo::page_cache_allowed() {
+                // A buffered write only copies into the page cache; where it blocks (write-back
+                // throttling) that is the back-pressure the writer should feel.
+                return file
+                    .write_all_at(&data, offset)
+                    .map_err(io_err("write", offset));
+            }
             let bounce = self.opts.direct && !is_aligned(&data);
-            blocking("write", offset, move || {
+            let job = move || {
                 if bounce {
                     AlignedBuf::copy_of(&data)
                         .and_then(|buf| file.write_all_at(buf.as_slice(), offset))
@@ -490,8 +564,12 @@ impl Lun for FileLun {
                     file.sync_data().map_err(io_err("write+fua sync", offset))?;
                 }
                 Ok(())
-            })
-            .await
+            };
+            if fua {
+                blocking("write", offset, job).await
+            } else {
+                on_pool(&self.pool, "write", offset, job).await
+            }
         })
     }
 

@@ -10,9 +10,11 @@
 //! - `discard` is advisory: afterwards the range reads as either the old data or zeros;
 //! - `write_zeroes` makes the range read back as zeros.
 
+pub mod bufpool;
 pub mod conformance;
 pub mod fault;
 pub mod file;
+pub mod iopool;
 pub mod mem;
 pub mod nbd;
 pub mod open;
