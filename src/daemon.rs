@@ -158,6 +158,9 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         Err(_) => tracing::warn!("volume write-back did not finish (no metadata quorum?)"),
     }
     node.shutdown().await;
+    // Only now: tasks started while serving NBD requests (the redirector's, the volume's)
+    // may run on the NBD runtime.
+    drop(nbd);
     Ok(())
 }
 

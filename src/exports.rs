@@ -83,14 +83,62 @@ pub struct ExportRow {
 pub struct NbdService {
     server: NbdServer,
     task: tokio::task::JoinHandle<()>,
+    /// Kept until the service is dropped (see `shutdown`).
+    _runtime: IoRuntime,
 }
 
 impl NbdService {
-    /// Stops accepting, lets clients finish (bounded by the server's grace period).
-    pub async fn shutdown(self) {
+    /// Stops accepting, lets clients finish (bounded by the server's grace period). Keep the
+    /// service (its runtime) until the volume has shut down: tasks the volume or the
+    /// redirector started while serving an NBD request run on it.
+    pub async fn shutdown(&self) {
         self.server.shutdown().await;
         self.task.abort();
     }
+}
+
+/// The NBD server's own runtime. Its worker threads may run page-cache reads and writes
+/// inline (`InlineIo::allow_page_cache_io_on_this_thread`), which saves two thread hand-offs
+/// per request; keeping them apart from the main runtime means a throttled write delays NBD
+/// clients only, never Raft, leases or timers. Dropping it stops its threads without waiting.
+pub struct IoRuntime(Option<tokio::runtime::Runtime>);
+
+impl IoRuntime {
+    /// A runtime of `threads` workers named `name`.
+    pub fn new(name: &str, threads: usize) -> std::io::Result<IoRuntime> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads.max(1))
+            .thread_name(name)
+            .on_thread_start(csv_core::lun::file::InlineIo::allow_page_cache_io_on_this_thread)
+            .enable_all()
+            .build()?;
+        Ok(IoRuntime(Some(rt)))
+    }
+
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.0
+            .as_ref()
+            .expect("runtime present until drop")
+            .handle()
+    }
+}
+
+impl Drop for IoRuntime {
+    fn drop(&mut self) {
+        // `shutdown_background` may run inside another runtime (dropping a runtime there
+        // would panic).
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// NBD worker threads: one per core (at least 2, at most 8), like the main runtime.
+fn nbd_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(2, 8)
 }
 
 /// Serves the volume over NBD at `addr` and registers [`NBD_SERVICE`] on `node`.
@@ -101,16 +149,26 @@ pub async fn start(
 ) -> anyhow::Result<NbdService> {
     let meta: Arc<dyn MetaClient> = Arc::new(NodeMeta::new(node.clone()));
     let exports = VolumeExports::new(volume.clone(), meta, ExportsConfig::default());
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
+    let listener = std::net::TcpListener::bind(addr)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
         .with_context(|| format!("cannot listen for NBD on {addr}"))?;
+    let runtime = IoRuntime::new("csv-nbd", nbd_threads())
+        .context("cannot start the NBD server's runtime")?;
     let server = NbdServer::new(
         Arc::new(exports.clone()) as Arc<dyn ExportProvider>,
         ServerConfig::default(),
         Some(Arc::new(exports.clone()) as Arc<dyn ConnectionEvents>),
     );
     let s = server.clone();
-    let task = tokio::spawn(async move {
+    let task = runtime.handle().spawn(async move {
+        // Registered with this runtime's reactor: accepted connections live here too.
+        let listener = match tokio::net::TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "NBD listener cannot be registered");
+                return;
+            }
+        };
         if let Err(e) = s.serve_tcp(listener).await {
             tracing::error!(error = %e, "NBD server stopped");
         }
@@ -126,7 +184,11 @@ pub async fn start(
     });
     node.register_service(NBD_SERVICE, handler);
     tracing::info!(%addr, "serving the volume over NBD");
-    Ok(NbdService { server, task })
+    Ok(NbdService {
+        server,
+        task,
+        _runtime: runtime,
+    })
 }
 
 async fn serve(node: u64, exports: &VolumeExports, payload: &[u8]) -> anyhow::Result<Vec<u8>> {
