@@ -23,6 +23,13 @@ use tokio::time::Instant;
 
 const BLOCK: usize = 4096;
 const LUN_SIZE: u64 = 1 << 20;
+/// How often the daemon refreshes a node's view of its peers' path health (`PEER_REFRESH` of the
+/// csvd crate, which this crate cannot name).
+const PEER_REFRESH: Duration = Duration::from_millis(300);
+/// The random-fault nemesis never leaves every SAN path down at once for longer than this...
+const TOTAL_OUTAGE_MAX: Duration = Duration::from_millis(500);
+/// ...and then leaves node 1's restored path alone this long.
+const RESUME_GRACE: Duration = Duration::from_millis(1_000);
 
 fn cfg() -> RedirectorConfig {
     RedirectorConfig {
@@ -609,31 +616,85 @@ async fn random_faults_run(seed: u64) {
             last
         }));
     }
+    // The daemon's peer view: every node learns its peers' path health from the node records
+    // every `PEER_REFRESH`. Without it a node keeps a stale view for seconds (it once kept both
+    // peers "unhealthy" for 3.8 s while paused, though one of them was direct meanwhile).
+    let refresher = {
+        let c = c.clone();
+        tokio::spawn(async move {
+            loop {
+                c.refresh_peers();
+                tokio::time::sleep(PEER_REFRESH).await;
+            }
+        })
+    };
     // The nemesis: hangs (ghost writes), unreachable paths and error bursts on node 1 and its
-    // peers, until the writers are done.
+    // peers, until the writers are done. The writers unwrap every write, which the redirector
+    // guarantees only while node 1 has its own path or a peer within `pause_bound_ms`; so the
+    // nemesis never leaves all three SAN paths down (hung or failing every request) for more
+    // than `TOTAL_OUTAGE_MAX`: it then restores node 1's path and leaves it alone for
+    // `RESUME_GRACE`, so node 1 resumes on it well within the bound. Node 1 still pauses (its
+    // path down and its peers down, hung, recovering or skipped after a failure), but never
+    // past the bound because of the nemesis alone.
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let nemesis = {
         let (c, done) = (c.clone(), done.clone());
         tokio::spawn(async move {
+            // Per node: (hung, failing every request).
+            let mut down = [(false, false); 4];
+            let mut outage_since: Option<Instant> = None;
+            let mut spare_node1_until = Instant::now();
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
                 let node = if rng.random_bool(0.5) {
                     1
                 } else {
                     rng.random_range(2..4)
                 };
-                match rng.random_range(0..10) {
-                    0..=2 => c.fault(node).hang(),
-                    3..=4 => c.fault(node).release(),
-                    5 => c
-                        .fault(node)
-                        .fail_all(OpSet::ALL, FaultError::PathUnreachable),
-                    6..=7 => c.fault(node).clear(),
-                    8 => c
-                        .fault(node)
-                        .set_error_rate(OpSet::ALL, 0.05, FaultError::Io(5), seed),
-                    _ => c.refresh_peers(),
+                let action = rng.random_range(0..10);
+                let breaks = matches!(action, 0..=2 | 5);
+                if !(node == 1 && breaks && Instant::now() < spare_node1_until) {
+                    let d = &mut down[node as usize];
+                    match action {
+                        0..=2 => {
+                            c.fault(node).hang();
+                            d.0 = true;
+                        }
+                        3..=4 => {
+                            c.fault(node).release();
+                            d.0 = false;
+                        }
+                        5 => {
+                            c.fault(node)
+                                .fail_all(OpSet::ALL, FaultError::PathUnreachable);
+                            d.1 = true;
+                        }
+                        6..=7 => {
+                            c.fault(node).clear();
+                            *d = (false, false);
+                        }
+                        8 => {
+                            c.fault(node)
+                                .set_error_rate(OpSet::ALL, 0.05, FaultError::Io(5), seed)
+                        }
+                        _ => c.refresh_peers(),
+                    }
                 }
-                tokio::time::sleep(Duration::from_millis(rng.random_range(20..400))).await;
+                let mut nap = Duration::from_millis(rng.random_range(20..400));
+                if down[1..].iter().all(|&(hung, failing)| hung || failing) {
+                    let since = *outage_since.get_or_insert_with(Instant::now);
+                    let left = (since + TOTAL_OUTAGE_MAX).saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        c.fault(1).clear();
+                        down[1] = (false, false);
+                        outage_since = None;
+                        spare_node1_until = Instant::now() + RESUME_GRACE;
+                    } else {
+                        nap = nap.min(left);
+                    }
+                } else {
+                    outage_since = None;
+                }
+                tokio::time::sleep(nap).await;
             }
             for n in 1..=3 {
                 c.fault(n).clear();
@@ -649,6 +710,7 @@ async fn random_faults_run(seed: u64) {
     }
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     nemesis.await.unwrap();
+    refresher.abort();
     // Once everything resolved, the LUN itself holds every last acknowledged write.
     eventually(Duration::from_secs(30), "ledger idle", async || {
         c.lun(1).ghosts() == (0, 0)
