@@ -410,3 +410,41 @@ pub async fn migrate(c: &CtlClient, export: &str, to: u64) -> anyhow::Result<Mig
         other => bail!("node {to}: unexpected {other:?}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use csv_core::lun::file::InlineIo;
+
+    #[tokio::test]
+    async fn nbd_threads_may_do_page_cache_io_and_the_main_runtime_may_not() {
+        let rt = IoRuntime::new("t-nbd", 2).unwrap();
+        let (allowed, name) = rt
+            .handle()
+            .spawn(async {
+                (
+                    InlineIo::page_cache_allowed(),
+                    std::thread::current().name().map(str::to_owned),
+                )
+            })
+            .await
+            .unwrap();
+        assert!(allowed);
+        assert_eq!(name.as_deref(), Some("t-nbd"));
+        assert!(
+            !InlineIo::page_cache_allowed(),
+            "main runtime threads stay async-only"
+        );
+        // Dropped inside a runtime: must not panic, and its tasks stop.
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        rt.handle().spawn(async move {
+            let _tx = tx;
+            std::future::pending::<()>().await;
+        });
+        drop(rt);
+        assert!(
+            rx.await.is_err(),
+            "a task of a dropped NBD runtime lives on"
+        );
+    }
+}

@@ -2,9 +2,14 @@
 //!
 //! All I/O is positional (`pread`/`pwrite`). Reads and writes run on the LUN's own few I/O
 //! threads ([`IoPool`]); flushes, FUA writes, discards and zeroing, which may wait for the
-//! device, run on tokio's blocking pool. Nothing blocks a runtime worker, except on a thread that entered [`InlineIo`] (a protocol thread that
-//! is not a runtime worker, such as a FUSE request thread): there the syscall runs inline,
-//! which saves the two thread hand-offs per request that dominate small I/O. Invariants:
+//! device, run on tokio's blocking pool. A runtime worker never blocks, with two exceptions
+//! that save the two thread hand-offs per request that dominate small I/O:
+//! - a page-cache hit is read with `RWF_NOWAIT` on the calling thread;
+//! - on a thread inside an [`InlineIo`] scope (a FUSE request thread) every syscall runs
+//!   inline, and on a thread that called [`InlineIo::allow_page_cache_io_on_this_thread`] (the
+//!   NBD server's own runtime) buffered, non-FUA writes do.
+//!
+//! Invariants:
 //! - the size is fixed at open (file length, or the device size found by seeking to its end);
 //! - with `direct` (O_DIRECT) the alignment is 4096 and every buffer handed to the kernel is
 //!   4096-aligned: reads land in a fresh aligned buffer that becomes the returned `Bytes`
@@ -698,6 +703,57 @@ mod tests {
         assert_eq!(std::thread::current().id(), me);
         drop(outer);
         assert!(!InlineIo::is_entered());
+    }
+
+    /// Polls `fut` once on this thread.
+    fn poll_once<F: Future + ?Sized>(fut: std::pin::Pin<&mut F>) -> std::task::Poll<F::Output> {
+        let waker = std::task::Waker::noop();
+        fut.poll(&mut std::task::Context::from_waker(waker))
+    }
+
+    #[test]
+    fn buffered_writes_run_inline_only_on_threads_allowed_page_cache_io() {
+        let (_dir, path) = make(1 << 16);
+        let lun = Arc::new(FileLun::open(&path, FileLunOptions::default()).unwrap());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        // An ordinary thread: the write goes to the LUN's I/O threads (pending at first).
+        let l = lun.clone();
+        let first = std::thread::spawn(move || {
+            let _rt = rt.enter();
+            let mut w = l.write_at(0, Bytes::from(vec![1u8; 4096]), false);
+            let pending = poll_once(w.as_mut()).is_pending();
+            (pending, rt)
+        });
+        let (pending, rt) = first.join().unwrap();
+        assert!(pending, "a runtime worker must not block in pwrite");
+        // A thread that allowed page-cache I/O: done on the first poll, on this thread; a FUA
+        // write (a sync) still leaves it.
+        let l = lun.clone();
+        std::thread::spawn(move || {
+            let _rt = rt.enter();
+            InlineIo::allow_page_cache_io_on_this_thread();
+            assert!(InlineIo::page_cache_allowed() && !InlineIo::is_entered());
+            let mut w = l.write_at(4096, Bytes::from(vec![2u8; 4096]), false);
+            assert!(matches!(
+                poll_once(w.as_mut()),
+                std::task::Poll::Ready(Ok(()))
+            ));
+            let mut r = l.read_at(4096, 4096);
+            match poll_once(r.as_mut()) {
+                std::task::Poll::Ready(Ok(d)) => assert_eq!(d[..], [2u8; 4096]),
+                other => panic!("a cached read did not complete at once: {other:?}"),
+            }
+            let mut f = l.write_at(8192, Bytes::from(vec![3u8; 4096]), true);
+            assert!(poll_once(f.as_mut()).is_pending(), "FUA syncs off-thread");
+        })
+        .join()
+        .unwrap();
+        assert!(
+            !InlineIo::page_cache_allowed(),
+            "the permission is per thread"
+        );
     }
 
     #[tokio::test]
