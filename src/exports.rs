@@ -71,6 +71,9 @@ pub struct ExportRow {
     pub ino: u64,
     pub size: u64,
     pub format: String,
+    /// The file has no write permission bit, so it is served read-only.
+    #[serde(default)]
+    pub read_only: bool,
     /// The node holding the export's NBD write ownership (owner lock).
     pub owner_node: Option<u64>,
     /// The node holding the file's exclusive data lock, and its fencing token.
@@ -218,6 +221,7 @@ async fn serve(node: u64, exports: &VolumeExports, payload: &[u8]) -> anyhow::Re
                 .into_iter()
                 .map(|e| ExportRow {
                     format: format_of(&e.name).into(),
+                    read_only: e.read_only,
                     name: e.name,
                     ino: e.ino,
                     size: e.size,
@@ -335,7 +339,7 @@ pub fn print_table(rows: &[ExportRow]) {
         return;
     }
     println!(
-        "{:<32} {:>12} {:<4} {:>5} {:>10}  clients",
+        "{:<32} {:>12} {:<6} {:>5} {:>10}  clients",
         "export", "size", "fmt", "owner", "write-lock"
     );
     for r in rows {
@@ -358,10 +362,14 @@ pub fn print_table(rows: &[ExportRow]) {
             })
             .collect();
         println!(
-            "{:<32} {:>12} {:<4} {:>5} {:>10}  {}",
+            "{:<32} {:>12} {:<6} {:>5} {:>10}  {}",
             r.name,
             r.size,
-            r.format,
+            if r.read_only {
+                format!("{} ro", r.format)
+            } else {
+                r.format.clone()
+            },
             r.owner_node
                 .map(|n| n.to_string())
                 .unwrap_or_else(|| "-".into()),

@@ -237,6 +237,95 @@ async fn libnbd_edge_cases_and_malformed_traffic_are_handled_by_a_volume_export(
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_without_write_permission_is_exported_read_only_on_every_node() {
+    use std::os::unix::fs::PermissionsExt;
+    let c = TestCluster::up(2).await;
+    let m1 = mnt(&c, 1);
+    let bytes = pattern(1 << 20, 21);
+    std::fs::write(m1.join("gold.img"), &bytes).unwrap();
+    std::fs::set_permissions(m1.join("gold.img"), std::fs::Permissions::from_mode(0o444)).unwrap();
+
+    for k in [1, 2] {
+        let info = run("nbdinfo", &["--json", &uri(&c, k, "gold.img")]);
+        assert!(info.contains("\"is_read_only\": true"), "node {k}: {info}");
+    }
+    // qemu-io cannot open it for writing; a read-only open reads the file.
+    let out = std::process::Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "write -P 7 0 4k",
+            &uri(&c, 1, "gold.img"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "qemu-io opened a read-only export for writing"
+    );
+    let read = run(
+        "qemu-io",
+        &[
+            "-r",
+            "-f",
+            "raw",
+            "-c",
+            "read -v 0 16",
+            &uri(&c, 2, "gold.img"),
+        ],
+    );
+    let first: String = bytes[..4].iter().map(|b| format!("{b:02x} ")).collect();
+    assert!(read.contains(first.trim_end()), "{read}");
+    // A client that writes anyway (libnbd ignores the flag when asked to) gets EPERM.
+    py(&[
+        "-c",
+        concat!(
+            "import nbd, sys\n",
+            "h = nbd.NBD()\n",
+            "h.connect_uri(sys.argv[1])\n",
+            "assert h.is_read_only()\n",
+            "h.set_strict_mode(0)\n",
+            "for op in (lambda: h.pwrite(b'x' * 512, 0), lambda: h.zero(4096, 0), lambda: h.trim(4096, 0)):\n",
+            "    try:\n",
+            "        op()\n",
+            "        raise SystemExit('a write to a read-only export succeeded')\n",
+            "    except nbd.Error as e:\n",
+            "        assert e.errno == 'EPERM', e\n",
+            "print('OK')\n",
+        ),
+        &uri(&c, 1, "gold.img"),
+    ]);
+    assert_eq!(std::fs::read(m1.join("gold.img")).unwrap(), bytes);
+    let list = run(
+        env!("CARGO_BIN_EXE_csvctl"),
+        &["--cluster", c.path().to_str().unwrap(), "export", "list"],
+    );
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("gold.img") && l.contains("raw ro")),
+        "{list}"
+    );
+
+    // chmod u+w: new connections may write.
+    std::fs::set_permissions(m1.join("gold.img"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 7 0 4k",
+            &uri(&c, 2, "gold.img"),
+        ],
+    );
+    assert_eq!(
+        std::fs::read(m1.join("gold.img")).unwrap()[..4096],
+        [7u8; 4096]
+    );
+}
+
 /// A seed from the clock (printed; set NBD_FUZZ_SEED to replay).
 fn common_seed() -> u64 {
     let seed = std::env::var("NBD_FUZZ_SEED")

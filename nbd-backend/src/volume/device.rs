@@ -34,6 +34,8 @@ pub(crate) struct VolumeDevice {
     inner: RwLock<Arc<dyn BlockDevice>>,
     size: u64,
     vhd: bool,
+    /// The file had no write permission bit when opened: writes are refused (never claimed).
+    read_only: bool,
     /// Holds the export's ownership (owner lock + data lock) for this node.
     owned: AtomicBool,
     revoked: AtomicBool,
@@ -49,6 +51,7 @@ impl VolumeDevice {
         backing: Arc<VolumeBacking>,
         inner: Arc<dyn BlockDevice>,
         vhd: bool,
+        read_only: bool,
         exports: Weak<Inner>,
     ) -> Self {
         Self {
@@ -58,6 +61,7 @@ impl VolumeDevice {
             backing,
             inner: RwLock::new(inner),
             vhd,
+            read_only,
             owned: AtomicBool::new(false),
             revoked: AtomicBool::new(false),
             stale: AtomicBool::new(false),
@@ -130,6 +134,9 @@ impl VolumeDevice {
 
     /// Makes sure this node owns the export before a write-type request.
     async fn ensure_owned(&self) -> Result<(), DeviceError> {
+        if self.read_only {
+            return Err(DeviceError::ReadOnly);
+        }
         if self.revoked() {
             return Err(DeviceError::Revoked);
         }
@@ -184,7 +191,7 @@ impl BlockDevice for VolumeDevice {
     }
 
     fn read_only(&self) -> bool {
-        false
+        self.read_only
     }
 
     fn read(&self, offset: u64, len: u32) -> BoxFuture<'_, Result<Vec<ReadChunk>, DeviceError>> {

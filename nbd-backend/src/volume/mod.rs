@@ -27,6 +27,14 @@
 //! (claiming happens on writes, and [`VolumeExports::claim`] for `migrate`). A node that
 //! loses its session revokes its owned devices: their clients must reconnect.
 //! New connections after a handoff get a fresh device, which claims again on its first write.
+//!
+//! # Read-only exports
+//!
+//! A file without any write permission bit (`chmod a-w`, e.g. a golden image or an installer
+//! ISO) is exported read-only: the handshake advertises `NBD_FLAG_READ_ONLY`, writes are
+//! refused with `EPERM` before they reach the volume, and the file is opened without write
+//! access (it never claims ownership). The mode is read when a connection opens the export, so
+//! a `chmod` applies to new connections.
 
 mod backing;
 mod device;
@@ -135,6 +143,8 @@ pub struct ExportInfo {
     pub name: String,
     pub ino: Ino,
     pub size: u64,
+    /// No write permission bit: served read-only.
+    pub read_only: bool,
 }
 
 struct Owned {
@@ -261,24 +271,26 @@ impl VolumeExports {
 
     /// Hands `name` over (as if another node asked): for tests and for draining a node.
     pub async fn release(&self, name: &str) -> Result<bool, OwnershipError> {
-        let (_, ino) = self
-            .inner
-            .resolve(name)
-            .await
-            .map_err(|source| OwnershipError::Open {
-                name: name.to_owned(),
-                source,
-            })?;
+        let (_, ino, _) =
+            self.inner
+                .resolve(name)
+                .await
+                .map_err(|source| OwnershipError::Open {
+                    name: name.to_owned(),
+                    source,
+                })?;
         Ok(self.inner.hand_over(ino).await)
     }
 }
 
 impl Inner {
-    async fn resolve(&self, name: &str) -> Result<(String, Ino), ExportError> {
+    /// The file named `name`: (name, inode, permission bits).
+    async fn resolve(&self, name: &str) -> Result<(String, Ino, u32), ExportError> {
         let not_found = || ExportError::NotFound(name.to_owned());
         let parts = components(name).ok_or_else(not_found)?;
         let mut ino = ROOT_INO;
         let mut kind = FileKind::Dir;
+        let mut perm = 0;
         for p in parts {
             if kind != FileKind::Dir {
                 return Err(not_found());
@@ -297,19 +309,22 @@ impl Inner {
             };
             ino = attr.ino;
             kind = attr.kind;
+            perm = attr.perm;
         }
         if kind != FileKind::File {
             return Err(not_found());
         }
-        Ok((name.to_owned(), ino))
+        Ok((name.to_owned(), ino, perm))
     }
 
     /// The device for `name` that new connections get (opened if needed).
     async fn open_device(&self, name: &str) -> Result<Arc<VolumeDevice>, ExportError> {
-        let (name, ino) = self.resolve(name).await?;
+        let (name, ino, perm) = self.resolve(name).await?;
+        let read_only = perm & 0o222 == 0;
         let _g = self.open_serial.lock().await;
         if let Some(dev) = lock(&self.devices).get(&ino).and_then(Weak::upgrade)
             && !dev.revoked()
+            && dev.read_only() == read_only
         {
             lock(&self.by_name).insert(name, Arc::downgrade(&dev));
             return Ok(dev);
@@ -318,15 +333,20 @@ impl Inner {
             name: name.clone(),
             source: backing::to_io(e),
         };
-        let (file, attr) = self.volume.open_file(ino, true).await.map_err(open_err)?;
+        let (file, attr) = self
+            .volume
+            .open_file(ino, !read_only)
+            .await
+            .map_err(open_err)?;
         let backing = Arc::new(VolumeBacking::new(self.volume.clone(), file, attr.size));
         let vhd = name.to_ascii_lowercase().ends_with(".vhd");
-        let decoded = crate::export::device_for_file(backing.clone(), &name, false).await?;
+        let decoded = crate::export::device_for_file(backing.clone(), &name, read_only).await?;
         let dev = Arc::new(VolumeDevice::new(
             name.clone(),
             backing,
             decoded,
             vhd,
+            read_only,
             self.me.clone(),
         ));
         lock(&self.devices).retain(|_, w| w.strong_count() > 0);
@@ -543,14 +563,15 @@ impl Inner {
                     let path = format!("{prefix}{}", e.name);
                     match e.kind {
                         FileKind::File if out.len() < self.cfg.max_listed => {
-                            let size = match self.volume.getattr_local(e.ino).await {
-                                Ok(a) => a.size,
+                            let attr = match self.volume.getattr_local(e.ino).await {
+                                Ok(a) => a,
                                 Err(_) => continue,
                             };
                             out.push(ExportInfo {
                                 name: path,
                                 ino: e.ino,
-                                size,
+                                size: attr.size,
+                                read_only: attr.perm & 0o222 == 0,
                             });
                         }
                         FileKind::Dir if depth < self.cfg.max_depth => {
