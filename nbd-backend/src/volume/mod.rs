@@ -597,6 +597,7 @@ async fn watch(inner: Weak<Inner>, mut feed: broadcast::Receiver<Applied>) {
     loop {
         let mut wanted: Vec<Ino> = Vec::new();
         let mut scan = false;
+        let mut lagged = false;
         let mut stale: Option<Ino> = None;
         tokio::select! {
             msg = feed.recv() => match msg {
@@ -616,7 +617,10 @@ async fn watch(inner: Weak<Inner>, mut feed: broadcast::Receiver<Applied>) {
                 }
                 Ok(Applied { op: Op::SetAttr { ino, size: Some(_), .. }, .. }) => stale = Some(ino),
                 Ok(_) => {}
-                Err(broadcast::error::RecvError::Lagged(_)) => scan = true,
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    scan = true;
+                    lagged = true;
+                }
                 Err(broadcast::error::RecvError::Closed) => return,
             },
             _ = tokio::time::sleep(interval) => scan = true,
@@ -626,6 +630,12 @@ async fn watch(inner: Weak<Inner>, mut feed: broadcast::Receiver<Applied>) {
             && let Some(dev) = lock(&inner.devices).get(&ino).and_then(Weak::upgrade)
         {
             dev.mark_stale();
+        }
+        if lagged {
+            // Commits were missed: any file may have changed under a reader.
+            for dev in lock(&inner.devices).values().filter_map(Weak::upgrade) {
+                dev.mark_stale();
+            }
         }
         if scan {
             inner.revoke_lost();
