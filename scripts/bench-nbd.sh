@@ -3,16 +3,18 @@
 #   - a raw export on the volume (a csvd node, LUN file in /tmp),
 #   - nbdkit's file plugin and qemu-nbd serving a plain file of the same size (same filesystem),
 #   - a dynamic VHD export on the volume vs `qemu-nbd -f vpc` serving the same kind of VHD,
-# in one run: 1 MiB sequential write and read at iodepth 8, 4 KiB random write and read at
-# iodepth 32. Every target starts from a fresh sparse file (or fresh VHD), written before it is
-# read. Prints a markdown table with ratios; docs/benchmarks.md records a run.
-#   SIZE (default 512M), RUNTIME seconds per point (default 5)
+# 1 MiB sequential write and read at iodepth 8, 4 KiB random write and read at iodepth 32.
+# All servers run at once and the targets take turns, pattern by pattern, for ROUNDS rounds:
+# load that comes and goes on the machine hits every target alike. Every target starts from a
+# fresh sparse file (or fresh VHD), and the first sequential write lays it out. Prints a
+# markdown table of medians with ratios; docs/benchmarks.md records runs.
+#   SIZE (default 512M), RUNTIME seconds per point (default 5), ROUNDS (default 3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v fio nbdkit qemu-nbd qemu-img >/dev/null || ./scripts/install-deps.sh
 cargo build --release --bins --quiet
 bin=$PWD/target/release
-size="${SIZE:-512M}"; runtime="${RUNTIME:-5}"
+size="${SIZE:-512M}"; runtime="${RUNTIME:-5}"; rounds="${ROUNDS:-3}"
 work=$(mktemp -d /tmp/csvd-bench-nbd.XXXXXX)
 pids=()
 cleanup() {
@@ -45,7 +47,8 @@ point() {
 }
 
 patterns="seqwrite seqread randwrite randread"
-declare -A R
+targets="csvd nbdkit qemuraw csvdvhd qemuvpc"
+declare -A URI R
 
 # csvd: one node, the LUN a file on the same filesystem as the plain files.
 "$bin/csvctl" cluster up --dir "$work/c" --nodes 1 --lun-size 4G --detach >/dev/null
@@ -53,17 +56,14 @@ nbd=$(/usr/bin/python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["
 mnt="$work/c/node1/mnt"
 truncate -s "$size" "$mnt/bench.img"
 qemu-img create -q -f vpc -o subformat=dynamic "$mnt/bench.vhd" "$size"
-for p in $patterns; do R[csvd,$p]=$(point "nbd://$nbd/bench.img" $p); done
-for p in $patterns; do R[csvdvhd,$p]=$(point "nbd://$nbd/bench.vhd" $p); done
-"$bin/csvctl" cluster down --dir "$work/c" >/dev/null
+URI[csvd]="nbd://$nbd/bench.img"; URI[csvdvhd]="nbd://$nbd/bench.vhd"
 
 # nbdkit file plugin.
 truncate -s "$size" "$work/nbdkit.img"
 port=$(free_port)
 nbdkit -f -i 127.0.0.1 -p "$port" file "$work/nbdkit.img" & pids+=($!)
 wait_port "$port" ""
-for p in $patterns; do R[nbdkit,$p]=$(point "nbd://127.0.0.1:$port/" $p); done
-kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true
+URI[nbdkit]="nbd://127.0.0.1:$port/"
 
 # qemu-nbd raw and vpc (writeback cache, 8 clients allowed).
 truncate -s "$size" "$work/qemu.img"
@@ -73,16 +73,40 @@ for kind in raw vpc; do
   file=$work/qemu.img; [ $kind = vpc ] && file=$work/qemu.vhd
   qemu-nbd -f $kind -b 127.0.0.1 -p "$port" -x x -t --shared=8 "$file" & pids+=($!)
   wait_port "$port" x
-  for p in $patterns; do R[qemu$kind,$p]=$(point "nbd://127.0.0.1:$port/x" $p); done
-  kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true
+  URI[qemu$kind]="nbd://127.0.0.1:$port/x"
 done
 
+for round in $(seq "$rounds"); do
+  for p in $patterns; do
+    for t in $targets; do
+      R[$t,$p]+="$(point "${URI[$t]}" $p) "
+    done
+  done
+  echo "round $round of $rounds done" >&2
+done
+
+median() { /usr/bin/python3 -c 'import sys, statistics; v=statistics.median(map(float, sys.argv[1:])); print(f"{v:.1f}" if v < 1000 else f"{v:.0f}")' "$@"; }
 ratio() { /usr/bin/python3 -c 'import sys; a=float(sys.argv[1]); b=max(map(float, sys.argv[2:])); print(f"{a/b:.2f}")' "$@"; }
-echo "# $(date -u +%FT%TZ) $(nproc) cores, SIZE=$size RUNTIME=${runtime}s, fio $(fio --version), release build"
+echo "# $(date -u +%FT%TZ) $(nproc) cores, SIZE=$size RUNTIME=${runtime}s ROUNDS=$rounds, fio $(fio --version), release build"
+echo
+echo "Medians of $rounds interleaved rounds (each round's values in the second table)."
 echo
 echo "| pattern | unit | csvd raw | nbdkit file | qemu-nbd raw | csvd / best | csvd VHD | qemu-nbd -f vpc | csvd VHD / qemu |"
 echo "|---|---|---|---|---|---|---|---|---|"
+declare -A M
 for p in $patterns; do
+  for t in $targets; do
+    # shellcheck disable=SC2086
+    M[$t,$p]=$(median ${R[$t,$p]})
+  done
   unit="k IOPS"; case $p in seq*) unit="MiB/s" ;; esac
-  echo "| $p | $unit | ${R[csvd,$p]} | ${R[nbdkit,$p]} | ${R[qemuraw,$p]} | $(ratio ${R[csvd,$p]} ${R[nbdkit,$p]} ${R[qemuraw,$p]}) | ${R[csvdvhd,$p]} | ${R[qemuvpc,$p]} | $(ratio ${R[csvdvhd,$p]} ${R[qemuvpc,$p]}) |"
+  echo "| $p | $unit | ${M[csvd,$p]} | ${M[nbdkit,$p]} | ${M[qemuraw,$p]} | $(ratio ${M[csvd,$p]} ${M[nbdkit,$p]} ${M[qemuraw,$p]}) | ${M[csvdvhd,$p]} | ${M[qemuvpc,$p]} | $(ratio ${M[csvdvhd,$p]} ${M[qemuvpc,$p]}) |"
+done
+echo
+echo "| pattern | csvd raw | nbdkit file | qemu-nbd raw | csvd VHD | qemu-nbd -f vpc |"
+echo "|---|---|---|---|---|---|"
+for p in $patterns; do
+  row="| $p |"
+  for t in $targets; do row+=" $(echo ${R[$t,$p]} | tr ' ' '/') |"; done
+  echo "$row"
 done
