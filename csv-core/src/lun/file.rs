@@ -77,9 +77,10 @@ pub struct FileLun {
 /// Idle read buffers a LUN keeps (a few MiB at most: 1 MiB reads at queue depth 8-16).
 const READ_BUFS_KEPT: usize = 16;
 
-/// I/O threads of a buffered LUN: page-cache copies are short, so two threads keep the
-/// queue moving (one may sleep in write-back throttling) without waking a thread per request.
-const BUFFERED_IO_THREADS: usize = 2;
+/// I/O threads of a buffered LUN (the default, block devices included): a read that misses
+/// the page cache waits for the device, so the pool must keep enough of them in flight for a
+/// SAN array; page-cache copies are short and queue behind busy threads without a wake-up.
+const BUFFERED_IO_THREADS: usize = 16;
 /// I/O threads of an O_DIRECT LUN: each request waits for the device, so the pool must hold
 /// as many requests in flight as the device can take.
 const DIRECT_IO_THREADS: usize = 32;
