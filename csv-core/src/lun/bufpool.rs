@@ -6,7 +6,8 @@
 //! - a recycled buffer is handed out empty (`len == 0`): its old bytes are never exposed;
 //!   the caller fills it and sets the length only after the kernel wrote every byte;
 //! - the pool holds at most `max` buffers; buffers below [`POOL_MIN`] are not pooled
-//!   (the allocator's own caches serve them well);
+//!   (the allocator's own caches serve them well), nor above [`POOL_MAX`] (a client sending
+//!   32 MiB requests must not leave `max` such buffers idle);
 //! - a buffer outliving its pool is simply freed.
 
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -15,6 +16,8 @@ use bytes::Bytes;
 
 /// Buffers smaller than this are allocated normally.
 pub const POOL_MIN: usize = 64 << 10;
+/// Buffers with more capacity than this are freed, not kept.
+pub const POOL_MAX: usize = 2 << 20;
 
 /// A LIFO cache of large buffers.
 #[derive(Debug)]
@@ -35,7 +38,7 @@ impl BufPool {
     /// An empty buffer with room for at least `len` bytes: the most recently returned one
     /// that fits (and is less than twice as large), or a new allocation.
     pub fn take(&self, len: usize) -> Vec<u8> {
-        if len >= POOL_MIN {
+        if (POOL_MIN..=POOL_MAX).contains(&len) {
             let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
             if let Some(i) = free
                 .iter()
@@ -50,7 +53,7 @@ impl BufPool {
     /// Wraps a filled buffer; when the last reference to the `Bytes` goes away, the buffer
     /// returns to the pool.
     pub fn freeze(self: &Arc<Self>, buf: Vec<u8>) -> Bytes {
-        if buf.capacity() < POOL_MIN {
+        if !(POOL_MIN..=POOL_MAX).contains(&buf.capacity()) {
             return Bytes::from(buf);
         }
         Bytes::from_owner(Recycled {
@@ -61,7 +64,7 @@ impl BufPool {
 
     /// Takes back a buffer (emptied first).
     pub fn give_back(&self, mut buf: Vec<u8>) {
-        if buf.capacity() < POOL_MIN {
+        if !(POOL_MIN..=POOL_MAX).contains(&buf.capacity()) {
             return;
         }
         buf.clear();
@@ -105,7 +108,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_freed_buffer_is_reused_empty_and_small_ones_are_not_pooled() {
+    fn a_freed_buffer_is_reused_empty_and_small_or_huge_ones_are_not_pooled() {
         let pool = BufPool::new(2);
         let mut a = pool.take(1 << 20);
         a.extend_from_slice(&[7u8; 1 << 20]);
@@ -127,6 +130,9 @@ mod tests {
         let small = pool.freeze(vec![1u8; 512]);
         drop(small);
         assert_eq!(pool.idle(), 1);
+        let huge = pool.take(POOL_MAX + 1);
+        pool.give_back(huge);
+        assert_eq!(pool.idle(), 1, "oversized buffers are freed, not kept");
     }
 
     #[test]
