@@ -100,10 +100,12 @@ impl NbdService {
     }
 }
 
-/// The NBD server's own runtime. Its worker threads may run page-cache reads and writes
-/// inline (`InlineIo::allow_page_cache_io_on_this_thread`), which saves two thread hand-offs
-/// per request; keeping them apart from the main runtime means a throttled write delays NBD
-/// clients only, never Raft, leases or timers. Dropping it stops its threads without waiting.
+/// The NBD server's own runtime. Its worker threads do buffered LUN I/O themselves
+/// (`InlineIo::allow_page_cache_io_on_this_thread`): page-cache copies inline, which saves two
+/// thread hand-offs per request, and reads that miss the cache blocking on one of its many
+/// workers, as nbdkit's threads do. Keeping them apart from the main runtime means a throttled
+/// write or a slow device delays NBD clients only, never Raft, leases or timers. Dropping it
+/// stops its threads without waiting.
 pub struct IoRuntime(Option<tokio::runtime::Runtime>);
 
 impl IoRuntime {
@@ -136,13 +138,18 @@ impl Drop for IoRuntime {
     }
 }
 
-/// NBD worker threads: one per core (at least 2, at most 8), like the main runtime.
+/// NBD worker threads: one per core, and at least [`NBD_MIN_THREADS`] (at most 64).
 fn nbd_threads() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2)
-        .clamp(2, 8)
+        .clamp(NBD_MIN_THREADS, 64)
 }
+
+/// A read that misses the page cache blocks an NBD worker thread until the device answers, so
+/// the runtime needs enough of them to keep that many reads in flight (nbdkit uses 16 threads
+/// per connection). Idle workers only sleep.
+const NBD_MIN_THREADS: usize = 16;
 
 /// Serves the volume over NBD at `addr` and registers [`NBD_SERVICE`] on `node`.
 pub async fn start(

@@ -7,7 +7,8 @@
 //! - a page-cache hit is read with `RWF_NOWAIT` on the calling thread;
 //! - on a thread inside an [`InlineIo`] scope (a FUSE request thread) every syscall runs
 //!   inline, and on a thread that called [`InlineIo::allow_page_cache_io_on_this_thread`] (the
-//!   NBD server's own runtime) buffered, non-FUA writes do.
+//!   NBD server's own runtime) buffered non-FUA writes do, and buffered reads that miss the
+//!   page cache block there after yielding once.
 //!
 //! Invariants:
 //! - the size is fixed at open (file length, or the device size found by seeking to its end);
@@ -124,15 +125,18 @@ impl InlineIo {
         INLINE_IO.with(Cell::get)
     }
 
-    /// From now on, buffered (not O_DIRECT, not FUA) reads and writes polled on this thread
-    /// run inline: a page-cache copy is cheaper than the two thread hand-offs that moving it to
-    /// an I/O thread costs. Reads that would have to wait for the disk still go to the I/O
-    /// threads; O_DIRECT I/O and syncs always do.
+    /// From now on, buffered (not O_DIRECT, not FUSE) reads and writes polled on this thread
+    /// run on it: a page-cache copy is cheaper than the thread hand-offs that moving it to an
+    /// I/O thread and back costs. A write runs inline. A read is first tried without blocking
+    /// (`RWF_NOWAIT`); if it must wait for the device, the future yields once (so the task
+    /// that polled it first, e.g. an NBD connection's reader, is not the one that blocks) and
+    /// then reads blocking on whichever thread polls it next. O_DIRECT I/O and syncs still go
+    /// to the I/O threads.
     ///
-    /// Call it only on threads that serve frontend I/O and nothing else, e.g. the worker
-    /// threads of the NBD server's own runtime (`on_thread_start`): a write that is throttled
-    /// by write-back then delays that frontend's requests (back-pressure), never the Raft
-    /// node, leases or timers, which run on another runtime.
+    /// Call it only on the many worker threads of a runtime that serves frontend I/O and
+    /// nothing else (the NBD server's, via `on_thread_start`): a blocked thread then delays
+    /// only that frontend's requests (as one of nbdkit's threads would), never the Raft node,
+    /// leases or timers, which run on another runtime.
     pub fn allow_page_cache_io_on_this_thread() {
         PAGE_CACHE_IO.with(|c| c.set(true));
     }
@@ -515,6 +519,15 @@ impl Lun for FileLun {
             {
                 return Ok(buf);
             }
+            if !direct && !InlineIo::is_entered() && InlineIo::page_cache_allowed() {
+                // A frontend I/O thread (one of many): wait for the device right here, but only
+                // after yielding once, so that the task that polled the request first (an NBD
+                // connection's reader) goes on reading requests while another thread blocks.
+                tokio::task::yield_now().await;
+                let buf =
+                    AlignedBuf::read_from(&file, offset, len).map_err(io_err("read", offset))?;
+                return Ok(Bytes::from_owner(buf));
+            }
             on_pool(&self.pool, "read", offset, move || {
                 let buf =
                     AlignedBuf::read_from(&file, offset, len).map_err(io_err("read", offset))?;
@@ -748,6 +761,22 @@ mod tests {
             }
             let mut f = l.write_at(8192, Bytes::from(vec![3u8; 4096]), true);
             assert!(poll_once(f.as_mut()).is_pending(), "FUA syncs off-thread");
+            // A read that misses the page cache yields once, then blocks on this thread.
+            l.file.sync_all().unwrap();
+            // SAFETY: plain syscall on a file descriptor owned by `l`; no memory is passed.
+            let rc =
+                unsafe { libc::posix_fadvise(l.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+            assert_eq!(rc, 0);
+            let mut r = l.read_at(4096, 4096);
+            let got = match poll_once(r.as_mut()) {
+                // Still cached (the kernel may keep pages despite the advice).
+                std::task::Poll::Ready(res) => res,
+                std::task::Poll::Pending => match poll_once(r.as_mut()) {
+                    std::task::Poll::Ready(res) => res,
+                    std::task::Poll::Pending => panic!("a read after the yield left this thread"),
+                },
+            };
+            assert_eq!(got.unwrap()[..], [2u8; 4096]);
         })
         .join()
         .unwrap();
