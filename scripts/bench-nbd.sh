@@ -3,7 +3,8 @@
 #   - a raw export on the volume (a csvd node, LUN file in /tmp),
 #   - nbdkit's file plugin and qemu-nbd serving a plain file of the same size (same filesystem),
 #   - a dynamic VHD export on the volume vs `qemu-nbd -f vpc` serving the same kind of VHD,
-# 1 MiB sequential write and read at iodepth 8, 4 KiB random write and read at iodepth 32.
+# 1 MiB sequential write and read at iodepth 8, 4 KiB random write and read at iodepth 32, and
+# (as root) 4 KiB random reads that all miss the page cache.
 # All servers run at once and the targets take turns, pattern by pattern, for ROUNDS rounds:
 # load that comes and goes on the machine hits every target alike. Every target starts from a
 # fresh sparse file (or fresh VHD), and the first sequential write lays it out. Prints a
@@ -37,16 +38,23 @@ print("%.0f" % (d["bw"] / 1024) if sys.argv[1].startswith("seq") else "%.1f" % (
 # fio URI PATTERN -> "value" (MiB/s for sequential, kIOPS for random)
 point() {
   local uri=$1 pat=$2 rw bs qd
+  local how=(--time_based --runtime="$runtime" --ramp_time=1)
   case $pat in
     seqwrite) rw=write bs=1M qd=8 ;; seqread) rw=read bs=1M qd=8 ;;
     randwrite) rw=randwrite bs=4k qd=32 ;; randread) rw=randread bs=4k qd=32 ;;
+    # Every read misses the page cache: caches dropped first, then a quarter of the file's
+    # blocks read once each in random order.
+    coldread) rw=randread bs=4k qd=32; sync; echo 3 > /proc/sys/vm/drop_caches
+              how=(--io_size=$(( $(numfmt --from=iec "$size") / 4 ))) ;;
   esac
   fio --name=b --ioengine=nbd --uri="$uri" --rw=$rw --bs=$bs --iodepth=$qd --size="$size" \
-      --time_based --runtime="$runtime" --ramp_time=1 --output-format=json 2>/dev/null |
+      "${how[@]}" --output-format=json 2>/dev/null |
     /usr/bin/python3 -c "$parse" "$pat"
 }
 
 patterns="seqwrite seqread randwrite randread"
+# Reads that miss the page cache need `echo 3 > /proc/sys/vm/drop_caches` (root).
+[ -w /proc/sys/vm/drop_caches ] && patterns+=" coldread"
 targets="csvd nbdkit qemuraw csvdvhd qemuvpc"
 declare -A URI R
 
