@@ -1,7 +1,7 @@
 //! [`FileLun`]: the LUN as a regular file or a block device (`/dev/...`).
 //!
-//! All I/O is positional (`pread`/`pwrite`). Reads and writes run on the LUN's own few I/O
-//! threads ([`IoPool`]); flushes, FUA writes, discards and zeroing, which may wait for the
+//! All I/O is positional (`pread`/`pwrite`). Reads and writes run on the LUN's own bounded
+//! set of I/O threads ([`IoPool`]); flushes, FUA writes, discards and zeroing, which may wait for the
 //! device, run on tokio's blocking pool. A runtime worker never blocks, with two exceptions
 //! that save the two thread hand-offs per request that dominate small I/O:
 //! - a page-cache hit is read with `RWF_NOWAIT` on the calling thread;
@@ -524,9 +524,12 @@ impl Lun for FileLun {
                 // after yielding once, so that the task that polled the request first (an NBD
                 // connection's reader) goes on reading requests while another thread blocks.
                 tokio::task::yield_now().await;
-                let buf =
-                    AlignedBuf::read_from(&file, offset, len).map_err(io_err("read", offset))?;
-                return Ok(Bytes::from_owner(buf));
+                // Checked again: the future may have moved to a thread that must not block.
+                if InlineIo::page_cache_allowed() {
+                    let buf = AlignedBuf::read_from(&file, offset, len)
+                        .map_err(io_err("read", offset))?;
+                    return Ok(Bytes::from_owner(buf));
+                }
             }
             on_pool(&self.pool, "read", offset, move || {
                 let buf =
