@@ -332,10 +332,12 @@ fn write_nowait(file: &File, data: &[u8], offset: u64) -> Result<usize, ()> {
     }
 }
 
-/// Runs a read or write: inline inside an [`InlineIo`] scope, otherwise on the LUN's own
-/// I/O threads.
-async fn on_pool<T: Send + 'static>(
-    pool: &IoPool,
+/// Runs a blocking closure off the calling thread, or inline inside an [`InlineIo`] scope.
+/// Reads and writes go to the LUN's own I/O threads (`pool`); rare, possibly long operations
+/// (flush, FUA writes, discard, zeroing) pass `None` and go to tokio's blocking pool, so that
+/// they never hold up the I/O threads.
+async fn off_thread<T: Send + 'static>(
+    pool: Option<&IoPool>,
     op: &'static str,
     offset: u64,
     f: impl FnOnce() -> Result<T, LunError> + Send + 'static,
@@ -343,31 +345,13 @@ async fn on_pool<T: Send + 'static>(
     if InlineIo::is_entered() {
         return f();
     }
-    match pool.run(f).await {
-        Ok(res) => res,
-        Err(source) => Err(LunError::Io { op, offset, source }),
-    }
-}
-
-/// Runs a rare, possibly long operation (flush, discard, zeroing): inline inside an
-/// [`InlineIo`] scope, otherwise on tokio's blocking pool, so that it never holds up the
-/// LUN's read/write threads.
-async fn blocking<T: Send + 'static>(
-    op: &'static str,
-    offset: u64,
-    f: impl FnOnce() -> Result<T, LunError> + Send + 'static,
-) -> Result<T, LunError> {
-    if InlineIo::is_entered() {
-        return f();
-    }
-    match tokio::task::spawn_blocking(f).await {
-        Ok(res) => res,
-        Err(join) => Err(LunError::Io {
-            op,
-            offset,
-            source: io::Error::other(join),
-        }),
-    }
+    let res = match pool {
+        Some(pool) => pool.run(f).await,
+        None => tokio::task::spawn_blocking(f)
+            .await
+            .map_err(io::Error::other),
+    };
+    res.unwrap_or_else(|source| Err(LunError::Io { op, offset, source }))
 }
 
 /// `fallocate(2)` on `file`; Ok(false) when the file system or device does not support `mode`.
@@ -531,7 +515,7 @@ impl Lun for FileLun {
                     return Ok(Bytes::from_owner(buf));
                 }
             }
-            on_pool(&self.pool, "read", offset, move || {
+            off_thread(Some(&self.pool), "read", offset, move || {
                 let buf =
                     AlignedBuf::read_from(&file, offset, len).map_err(io_err("read", offset))?;
                 Ok(Bytes::from_owner(buf))
@@ -588,9 +572,9 @@ impl Lun for FileLun {
                 Ok(())
             };
             if fua {
-                blocking("write", offset, job).await
+                off_thread(None, "write", offset, job).await
             } else {
-                on_pool(&self.pool, "write", offset, job).await
+                off_thread(Some(&self.pool), "write", offset, job).await
             }
         })
     }
@@ -598,7 +582,7 @@ impl Lun for FileLun {
     fn flush(&self) -> LunFuture<'_, ()> {
         Box::pin(async move {
             let file = self.file.clone();
-            blocking("flush", 0, move || {
+            off_thread(None, "flush", 0, move || {
                 file.sync_data().map_err(io_err("flush", 0))
             })
             .await
@@ -614,7 +598,7 @@ impl Lun for FileLun {
             }
             let file = self.file.clone();
             let block_device = self.block_device;
-            blocking("discard", offset, move || {
+            off_thread(None, "discard", offset, move || {
                 let res = if block_device {
                     blk_discard(&file, offset, len)
                 } else {
@@ -640,7 +624,7 @@ impl Lun for FileLun {
                 return Ok(());
             }
             let file = self.file.clone();
-            blocking("write_zeroes", offset, move || {
+            off_thread(None, "write_zeroes", offset, move || {
                 let zeroed = fallocate(
                     &file,
                     libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
