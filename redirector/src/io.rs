@@ -403,6 +403,11 @@ impl Inner {
     /// Feeds one event to the policy and carries out its commands.
     fn event(self: &Arc<Self>, ev: Event) {
         let mut st = self.lock();
+        self.event_locked(&mut st, ev);
+    }
+
+    /// [`Inner::event`] for a caller that holds the state lock.
+    fn event_locked(self: &Arc<Self>, st: &mut State, ev: Event) {
         let now = self.now();
         let cmds = st.policy.handle(now, ev);
         self.run_commands(cmds);
@@ -576,8 +581,10 @@ impl Inner {
         };
         match done {
             Ok(b) => {
-                self.lock().last_direct_ok = self.now();
-                self.event(Event::IoOk);
+                let mut st = self.lock();
+                st.last_direct_ok = self.now();
+                self.event_locked(&mut st, Event::IoOk);
+                drop(st);
                 Outcome::Done(b)
             }
             Err(e) => match Event::from_lun_error(op, &e) {
