@@ -262,30 +262,33 @@ impl VolumeExports {
             .inner
             .open_device(name)
             .await
-            .map_err(|source| OwnershipError::Open {
-                name: name.to_owned(),
-                source,
-            })?;
+            .map_err(open_failed(name))?;
         self.inner.claim_device(&dev).await
     }
 
     /// Hands `name` over (as if another node asked): for tests and for draining a node.
     pub async fn release(&self, name: &str) -> Result<bool, OwnershipError> {
-        let (_, ino, _) =
-            self.inner
-                .resolve(name)
-                .await
-                .map_err(|source| OwnershipError::Open {
-                    name: name.to_owned(),
-                    source,
-                })?;
+        let (_, ino, _) = self.inner.resolve(name).await.map_err(open_failed(name))?;
         Ok(self.inner.hand_over(ino).await)
     }
 }
 
+/// Maps a failure to open export `name` for an ownership change.
+fn open_failed(name: &str) -> impl FnOnce(ExportError) -> OwnershipError + '_ {
+    move |source| OwnershipError::Open {
+        name: name.to_owned(),
+        source,
+    }
+}
+
+/// A file without any write permission bit is exported read-only.
+fn read_only_perm(perm: u32) -> bool {
+    perm & 0o222 == 0
+}
+
 impl Inner {
-    /// The file named `name`: (name, inode, permission bits).
-    async fn resolve(&self, name: &str) -> Result<(String, Ino, u32), ExportError> {
+    /// The file named `name`: (name, inode, read-only).
+    async fn resolve(&self, name: &str) -> Result<(String, Ino, bool), ExportError> {
         let not_found = || ExportError::NotFound(name.to_owned());
         let parts = components(name).ok_or_else(not_found)?;
         let mut ino = ROOT_INO;
@@ -314,13 +317,12 @@ impl Inner {
         if kind != FileKind::File {
             return Err(not_found());
         }
-        Ok((name.to_owned(), ino, perm))
+        Ok((name.to_owned(), ino, read_only_perm(perm)))
     }
 
     /// The device for `name` that new connections get (opened if needed).
     async fn open_device(&self, name: &str) -> Result<Arc<VolumeDevice>, ExportError> {
-        let (name, ino, perm) = self.resolve(name).await?;
-        let read_only = perm & 0o222 == 0;
+        let (name, ino, read_only) = self.resolve(name).await?;
         let _g = self.open_serial.lock().await;
         if let Some(dev) = lock(&self.devices).get(&ino).and_then(Weak::upgrade)
             && !dev.revoked()
@@ -571,7 +573,7 @@ impl Inner {
                                 name: path,
                                 ino: e.ino,
                                 size: attr.size,
-                                read_only: attr.perm & 0o222 == 0,
+                                read_only: read_only_perm(attr.perm),
                             });
                         }
                         FileKind::Dir if depth < self.cfg.max_depth => {
