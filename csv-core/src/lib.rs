@@ -8,3 +8,9 @@ pub mod meta;
 pub mod op;
 pub mod superblock;
 pub mod volume;
+
+/// Locks `m`; a poisoned lock is used as it is (no critical section in this crate leaves its
+/// state inconsistent when it panics, and I/O paths must not panic in turn).
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -10,9 +10,11 @@
 //!   32 MiB requests must not leave `max` such buffers idle);
 //! - a buffer outliving its pool is simply freed.
 
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, Weak};
 
 use bytes::Bytes;
+
+use crate::lock;
 
 /// Buffers smaller than this are allocated normally.
 pub const POOL_MIN: usize = 64 << 10;
@@ -39,7 +41,7 @@ impl BufPool {
     /// that fits (and is less than twice as large), or a new allocation.
     pub fn take(&self, len: usize) -> Vec<u8> {
         if (POOL_MIN..=POOL_MAX).contains(&len) {
-            let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut free = lock(&self.free);
             if let Some(i) = free
                 .iter()
                 .rposition(|b| b.capacity() >= len && b.capacity() / 2 < len)
@@ -68,7 +70,7 @@ impl BufPool {
             return;
         }
         buf.clear();
-        let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut free = lock(&self.free);
         if free.len() < self.max {
             free.push(buf);
         }
@@ -76,10 +78,7 @@ impl BufPool {
 
     /// Idle buffers held.
     pub fn idle(&self) -> usize {
-        self.free
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
+        lock(&self.free).len()
     }
 }
 

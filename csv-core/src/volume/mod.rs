@@ -32,7 +32,7 @@ mod file;
 pub mod reserve;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use tokio::sync::{broadcast, watch};
@@ -43,6 +43,7 @@ pub use client::{
 };
 pub use file::OpenFile;
 
+use crate::lock;
 use crate::lun::{Lun, LunError};
 use crate::meta::{
     Attr, BlockRange, DirEntry, FileKind, Ino, LockMode, MetaError, SpaceInfo, Timestamp,
@@ -186,10 +187,6 @@ pub(crate) struct Shared {
     me: Weak<Shared>,
     /// The runtime background work runs on (handles may be dropped on other threads).
     pub(crate) rt: tokio::runtime::Handle,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 macro_rules! answer {
