@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
+use csv_core::lun::pipe::Pipe;
 use thiserror::Error;
 
 use crate::proto::{STATE_HOLE, STATE_ZERO};
@@ -40,6 +41,12 @@ pub trait BackingFile: Send + Sync + 'static {
     /// Current size in bytes.
     fn size(&self) -> u64;
     fn read_at(&self, offset: u64, len: usize) -> BoxFuture<'_, io::Result<Bytes>>;
+    /// `len` bytes at `offset` spliced into a pipe (no copy), when the backing can do that
+    /// right now without waiting for a device; `None`: use [`BackingFile::read_at`].
+    fn read_piped(&self, offset: u64, len: usize) -> BoxFuture<'_, Option<Pipe>> {
+        let _ = (offset, len);
+        Box::pin(async { None })
+    }
     fn write_at(&self, offset: u64, data: Bytes) -> BoxFuture<'_, io::Result<()>>;
     fn flush(&self) -> BoxFuture<'_, io::Result<()>>;
     /// Truncates or extends (with zeros) to `new_size`.
@@ -127,6 +134,12 @@ pub trait BlockDevice: Send + Sync + 'static {
         true
     }
     fn read(&self, offset: u64, len: u32) -> BoxFuture<'_, Result<Vec<ReadChunk>, DeviceError>>;
+    /// The whole range as data in a pipe, for a zero-copy reply (see [`BackingFile::read_piped`]);
+    /// `None`: use [`BlockDevice::read`]. Devices that decode a format never splice.
+    fn read_piped(&self, offset: u64, len: u32) -> BoxFuture<'_, Option<Pipe>> {
+        let _ = (offset, len);
+        Box::pin(async { None })
+    }
     fn write(&self, offset: u64, data: Bytes, fua: bool) -> BoxFuture<'_, Result<(), DeviceError>>;
     fn flush(&self) -> BoxFuture<'_, Result<(), DeviceError>>;
     /// Advisory discard; contents afterwards are unspecified.
@@ -298,6 +311,10 @@ impl BlockDevice for RawDevice {
         })
     }
 
+    fn read_piped(&self, offset: u64, len: u32) -> BoxFuture<'_, Option<Pipe>> {
+        self.backing.read_piped(offset, len as usize)
+    }
+
     fn write(&self, offset: u64, data: Bytes, fua: bool) -> BoxFuture<'_, Result<(), DeviceError>> {
         Box::pin(async move {
             self.writable()?;
@@ -414,6 +431,11 @@ fn seek(file: &std::fs::File, pos: u64, whence: i32) -> io::Result<Option<u64>> 
 impl BackingFile for FileBacking {
     fn size(&self) -> u64 {
         self.size.load(Ordering::Acquire)
+    }
+
+    fn read_piped(&self, offset: u64, len: usize) -> BoxFuture<'_, Option<Pipe>> {
+        // Past the end of the file nothing is cached, so such a range is never spliced.
+        Box::pin(async move { csv_core::lun::pipe::splice_cached(&self.file, offset, len) })
     }
 
     fn read_at(&self, offset: u64, len: usize) -> BoxFuture<'_, io::Result<Bytes>> {

@@ -16,6 +16,7 @@ pub mod connection;
 pub mod dir;
 pub mod export;
 pub mod proto;
+mod reply;
 pub mod server;
 pub mod vhd;
 pub mod volume;

@@ -14,17 +14,18 @@
 //!   queued (DISC, EOF, protocol violation, `disconnect()`, or shutdown after the grace period);
 //!   a connection that wrote anything flushes the device before closing.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::error::Error as StdError;
 use std::future::Future;
-use std::io::{self, IoSlice};
+use std::io;
+use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener};
@@ -34,12 +35,14 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
 
 use csv_core::lun::bufpool::BufPool;
+use csv_core::lun::pipe::Pipe;
 
 use crate::connection::{Admission, ConnectionEvents, ConnectionHandle, ConnectionId};
 use crate::export::{
     BlockDevice, DeviceError, ExportError, ExportProvider, Extent, OpenPurpose, ReadChunk, ZeroMode,
 };
 use crate::proto::{self, ClientOption, Command, Errno, ProtoError, Request};
+use crate::reply::{BATCH_BYTES, Frame, Part, SpliceSocket, write_replies};
 
 /// The id of `base:allocation` in SET_META_CONTEXT replies and BLOCK_STATUS chunks.
 const BASE_ALLOCATION_ID: u32 = 1;
@@ -165,7 +168,7 @@ impl NbdServer {
                     if let Err(e) = stream.set_nodelay(true) {
                         debug!(error = %e, "cannot set TCP_NODELAY");
                     }
-                    self.spawn_connection(stream, addr.to_string());
+                    self.spawn_socket(stream, addr.to_string());
                 }
                 Err(e) => accept_failed(e).await?,
             }
@@ -185,7 +188,7 @@ impl NbdServer {
                         .as_pathname()
                         .map(|p| p.display().to_string())
                         .unwrap_or_else(|| "unix".to_owned());
-                    self.spawn_connection(stream, peer);
+                    self.spawn_socket(stream, peer);
                 }
                 Err(e) => accept_failed(e).await?,
             }
@@ -197,11 +200,38 @@ impl NbdServer {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        self.spawn_serving(stream, peer, |_| None);
+    }
+
+    /// Serves an accepted socket; READ replies may be spliced into it.
+    fn spawn_socket<S>(&self, stream: S, peer: String)
+    where
+        S: AsyncRead + AsyncWrite + AsFd + Unpin + Send + 'static,
+    {
+        self.spawn_serving(stream, peer, |s| match SpliceSocket::new(s) {
+            Ok(sock) => Some(sock),
+            Err(e) => {
+                debug!(error = %e, "replies will not be spliced");
+                None
+            }
+        });
+    }
+
+    fn spawn_serving<S>(
+        &self,
+        stream: S,
+        peer: String,
+        splice: impl FnOnce(&S) -> Option<SpliceSocket> + Send + 'static,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let shared = self.shared.clone();
         let span = info_span!("nbd_conn", peer = %peer);
         self.shared.tasks.spawn(
             async move {
-                if let Err(e) = serve_connection(shared, stream, peer).await {
+                // Inside the task: registering the descriptor needs the runtime.
+                let splice = splice(&stream);
+                if let Err(e) = serve_connection(shared, stream, splice, peer).await {
                     warn!(error = %chain(&e), "NBD connection closed");
                 }
             }
@@ -270,6 +300,7 @@ struct Session {
 async fn serve_connection<S>(
     shared: Arc<Shared>,
     mut stream: S,
+    splice: Option<SpliceSocket>,
     peer: String,
 ) -> Result<(), ConnError>
 where
@@ -289,7 +320,7 @@ where
         ev.opened(&conn);
     }
     debug!(export = %session.name, id, "transmission started");
-    let result = transmission(&shared, stream, session, &conn).await;
+    let result = transmission(&shared, stream, splice, session, &conn).await;
     lock(&shared.conns).remove(&id);
     if let Some(ev) = &shared.events {
         ev.closed(&conn);
@@ -558,21 +589,16 @@ struct RequestCtx {
     device: Arc<dyn BlockDevice>,
     structured: bool,
     meta_context: Option<u32>,
-    replies: mpsc::Sender<Vec<Bytes>>,
+    /// READ replies may carry spliced pipes (the writer has the socket's descriptor).
+    splice: bool,
+    replies: mpsc::Sender<Frame>,
     wrote: AtomicBool,
 }
-
-/// Replies queued in one message to the writer hold at most about this many bytes.
-const BATCH_BYTES: usize = 1 << 20;
-/// Pieces the writer hands to one `writev` (well under `IOV_MAX`).
-const MAX_IOV: usize = 256;
-/// Reply pieces up to this size are copied into the writer's staging buffer rather than
-/// given their own iovec.
-const COPY_MAX: usize = 512;
 
 async fn transmission<S>(
     shared: &Shared,
     stream: S,
+    splice: Option<SpliceSocket>,
     session: Session,
     conn: &ConnectionHandle,
 ) -> Result<(), ConnError>
@@ -583,14 +609,15 @@ where
     let (rd, wr) = tokio::io::split(stream);
     let mut rd = BufReader::with_capacity(256 << 10, rd);
     let (tx, rx) = mpsc::channel(cfg.max_in_flight + 1);
-    let writer = tokio::spawn(write_replies(wr, rx).instrument(tracing::Span::current()));
     let ctx = Arc::new(RequestCtx {
+        splice: splice.is_some(),
         device: session.device.clone(),
         structured: session.structured,
         meta_context: session.meta_context,
         replies: tx,
         wrote: AtomicBool::new(false),
     });
+    let writer = tokio::spawn(write_replies(wr, splice, rx).instrument(tracing::Span::current()));
     let requests = TaskTracker::new();
     let mut batch = Batch::default();
     let outcome = read_requests(shared, &mut rd, &ctx, conn, &requests, &mut batch).await;
@@ -613,93 +640,6 @@ where
     outcome
 }
 
-/// Serialises reply frames: takes every frame already queued, then writes them with as few
-/// `writev` calls as the socket allows (small pieces such as reply headers are copied into
-/// one staging buffer, payloads go out as they are).
-async fn write_replies<W: AsyncWrite + Unpin>(
-    mut w: W,
-    mut rx: mpsc::Receiver<Vec<Bytes>>,
-) -> io::Result<()> {
-    let mut out = ReplyQueue::default();
-    while let Some(frames) = rx.recv().await {
-        out.push(frames);
-        while out.bytes < BATCH_BYTES {
-            match rx.try_recv() {
-                Ok(frames) => out.push(frames),
-                Err(_) => break,
-            }
-        }
-        out.write_to(&mut w).await?;
-    }
-    w.flush().await?;
-    // Best effort: the peer may be gone already.
-    let _ = w.shutdown().await;
-    Ok(())
-}
-
-/// Reply bytes waiting to be written, in wire order.
-#[derive(Default)]
-struct ReplyQueue {
-    parts: VecDeque<Bytes>,
-    /// Trailing small pieces, copied together (becomes one part when the next large piece
-    /// arrives or the queue is written).
-    small: BytesMut,
-    bytes: usize,
-}
-
-impl ReplyQueue {
-    fn push(&mut self, frames: Vec<Bytes>) {
-        for part in frames {
-            self.bytes += part.len();
-            if part.len() <= COPY_MAX {
-                self.small.extend_from_slice(&part);
-            } else {
-                self.seal();
-                self.parts.push_back(part);
-            }
-        }
-    }
-
-    /// Moves the staged small pieces into `parts`.
-    fn seal(&mut self) {
-        if !self.small.is_empty() {
-            self.parts.push_back(self.small.split().freeze());
-        }
-    }
-
-    async fn write_to<W: AsyncWrite + Unpin>(&mut self, w: &mut W) -> io::Result<()> {
-        self.seal();
-        while !self.parts.is_empty() {
-            let iov: Vec<IoSlice<'_>> = self
-                .parts
-                .iter()
-                .take(MAX_IOV)
-                .map(|p| IoSlice::new(p))
-                .collect();
-            let mut n = w.write_vectored(&iov).await?;
-            drop(iov);
-            if n == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
-            }
-            self.bytes = self.bytes.saturating_sub(n);
-            while n > 0 {
-                let Some(front) = self.parts.front_mut() else {
-                    break;
-                };
-                if n < front.len() {
-                    front.advance(n);
-                    n = 0;
-                } else {
-                    n -= front.len();
-                    self.parts.pop_front();
-                }
-            }
-        }
-        self.bytes = 0;
-        w.flush().await
-    }
-}
-
 /// What an admitted request holds until its reply is queued.
 struct Pass {
     _admission: Admission,
@@ -712,14 +652,14 @@ struct Pass {
 /// only after the replies were queued, as for requests run on their own task.
 #[derive(Default)]
 struct Batch {
-    frames: Vec<Bytes>,
+    frames: Frame,
     bytes: usize,
     passes: Vec<Pass>,
 }
 
 impl Batch {
-    fn push(&mut self, frame: Vec<Bytes>, pass: Option<Pass>) {
-        self.bytes += frame.iter().map(Bytes::len).sum::<usize>();
+    fn push(&mut self, frame: Frame, pass: Option<Pass>) {
+        self.bytes += frame.iter().map(Part::len).sum::<usize>();
         self.frames.extend(frame);
         self.passes.extend(pass);
     }
@@ -749,7 +689,7 @@ async fn shutdown_grace(token: CancellationToken, grace: Duration) {
 
 /// A request's execution, boxed so that a future first polled on the reader task can move to
 /// its own task.
-type Execution = Pin<Box<dyn Future<Output = Vec<Bytes>> + Send>>;
+type Execution = Pin<Box<dyn Future<Output = Frame> + Send>>;
 
 /// Reads and dispatches requests. Each admitted request is polled once right here: one that
 /// completes without waiting (page-cache I/O) has its reply added to `batch`, which goes to
@@ -1008,29 +948,29 @@ fn simple(errno: u32, cookie: u64) -> Bytes {
 
 /// The reply to a failed request: a structured error chunk where structured replies are
 /// mandatory (READ and BLOCK_STATUS after SR), a simple reply otherwise.
-fn error_frame(structured: bool, req: &Request, errno: Errno, msg: &str) -> Vec<Bytes> {
+fn error_frame(structured: bool, req: &Request, errno: Errno, msg: &str) -> Frame {
     if structured && matches!(req.command, Command::Read | Command::BlockStatus) {
         let mut b = BytesMut::new();
         proto::encode_error_chunk(&mut b, req.cookie, errno, msg);
-        vec![b.freeze()]
+        vec![b.freeze().into()]
     } else {
-        vec![simple(errno as u32, req.cookie)]
+        vec![simple(errno as u32, req.cookie).into()]
     }
 }
 
-fn done_frame(req: &Request, r: Result<(), DeviceError>) -> Vec<Bytes> {
+fn done_frame(req: &Request, r: Result<(), DeviceError>) -> Frame {
     match r {
-        Ok(()) => vec![simple(0, req.cookie)],
+        Ok(()) => vec![simple(0, req.cookie).into()],
         Err(e) => device_error_frame(false, req, &e),
     }
 }
 
-fn device_error_frame(structured: bool, req: &Request, e: &DeviceError) -> Vec<Bytes> {
+fn device_error_frame(structured: bool, req: &Request, e: &DeviceError) -> Frame {
     debug!(error = %chain(e), cookie = req.cookie, "request failed");
     error_frame(structured, req, errno_for(req.command, e), &e.to_string())
 }
 
-async fn execute(ctx: &RequestCtx, req: &Request, payload: Bytes) -> Vec<Bytes> {
+async fn execute(ctx: &RequestCtx, req: &Request, payload: Bytes) -> Frame {
     let dev = ctx.device.as_ref();
     let fua = req.flags & proto::CMD_FLAG_FUA != 0;
     let (off, len) = (req.offset, req.length);
@@ -1069,11 +1009,11 @@ async fn execute(ctx: &RequestCtx, req: &Request, payload: Bytes) -> Vec<Bytes> 
 }
 
 /// Zero bytes as static slices (no allocation).
-fn zeros(mut len: usize, out: &mut Vec<Bytes>) {
+fn zeros(mut len: usize, out: &mut Frame) {
     static Z: [u8; 1 << 16] = [0; 1 << 16];
     while len > 0 {
         let n = len.min(Z.len());
-        out.push(Bytes::from_static(&Z[..n]));
+        out.push(Bytes::from_static(&Z[..n]).into());
         len -= n;
     }
 }
@@ -1094,15 +1034,28 @@ fn covers(chunks: &[ReadChunk], offset: u64, len: u32) -> bool {
     pos == offset + len as u64
 }
 
-async fn read_reply(ctx: &RequestCtx, req: &Request) -> Vec<Bytes> {
+async fn read_reply(ctx: &RequestCtx, req: &Request) -> Frame {
     let cookie = req.cookie;
     if req.length == 0 {
         if ctx.structured {
             let mut b = BytesMut::new();
             proto::encode_none_chunk(&mut b, cookie);
-            return vec![b.freeze()];
+            return vec![b.freeze().into()];
         }
-        return vec![simple(0, cookie)];
+        return vec![simple(0, cookie).into()];
+    }
+    if ctx.splice
+        && req.length >= SPLICE_MIN
+        && let Some(pipe) = ctx.device.read_piped(req.offset, req.length).await
+    {
+        if pipe.len() == req.length as usize {
+            return piped_reply(ctx.structured, req, pipe);
+        }
+        warn!(
+            cookie,
+            "device spliced a read that does not cover the request"
+        );
+        return error_frame(ctx.structured, req, Errno::Io, "short read");
     }
     let chunks = match ctx.device.read(req.offset, req.length).await {
         Ok(c) => c,
@@ -1117,10 +1070,10 @@ async fn read_reply(ctx: &RequestCtx, req: &Request) -> Vec<Bytes> {
     }
     let mut frame = Vec::with_capacity(chunks.len() * 2 + 1);
     if !ctx.structured {
-        frame.push(simple(0, cookie));
+        frame.push(simple(0, cookie).into());
         for c in chunks {
             match c {
-                ReadChunk::Data { data, .. } => frame.push(data),
+                ReadChunk::Data { data, .. } => frame.push(data.into()),
                 ReadChunk::Hole { len, .. } => zeros(len as usize, &mut frame),
             }
         }
@@ -1137,10 +1090,10 @@ async fn read_reply(ctx: &RequestCtx, req: &Request) -> Vec<Bytes> {
             req.offset,
             req.length,
         );
-        frame.push(hdr.freeze());
+        frame.push(hdr.freeze().into());
         for c in chunks {
             match c {
-                ReadChunk::Data { data, .. } => frame.push(data),
+                ReadChunk::Data { data, .. } => frame.push(data.into()),
                 ReadChunk::Hole { len, .. } => zeros(len as usize, &mut frame),
             }
         }
@@ -1159,16 +1112,37 @@ async fn read_reply(ctx: &RequestCtx, req: &Request) -> Vec<Bytes> {
                     offset,
                     data.len() as u32,
                 );
-                frame.push(hdr.freeze());
-                frame.push(data);
+                frame.push(hdr.freeze().into());
+                frame.push(data.into());
             }
             ReadChunk::Hole { offset, len } => {
                 proto::encode_offset_hole(&mut hdr, flags, cookie, offset, len);
-                frame.push(hdr.freeze());
+                frame.push(hdr.freeze().into());
             }
         }
     }
     frame
+}
+
+/// READs at least this long are spliced when the device can (below, a copy costs less than
+/// a pipe's two extra system calls).
+const SPLICE_MIN: u32 = 64 << 10;
+
+/// A successful READ reply whose data is `pipe` (one data chunk when structured).
+fn piped_reply(structured: bool, req: &Request, pipe: Pipe) -> Frame {
+    let mut hdr = BytesMut::new();
+    if structured {
+        proto::encode_offset_data_header(
+            &mut hdr,
+            proto::REPLY_FLAG_DONE,
+            req.cookie,
+            req.offset,
+            req.length,
+        );
+    } else {
+        proto::encode_simple_reply(&mut hdr, 0, req.cookie);
+    }
+    vec![hdr.freeze().into(), Part::Pipe(pipe)]
 }
 
 /// Normalises device extents: drops empty ones, merges equal neighbours, clips to the
@@ -1201,7 +1175,7 @@ fn normalise_extents(raw: Vec<Extent>, len: u32, req_one: bool) -> Vec<(u32, u32
     out
 }
 
-async fn block_status_reply(ctx: &RequestCtx, req: &Request) -> Vec<Bytes> {
+async fn block_status_reply(ctx: &RequestCtx, req: &Request) -> Frame {
     let Some(context_id) = ctx.meta_context else {
         return error_frame(
             ctx.structured,
@@ -1227,7 +1201,7 @@ async fn block_status_reply(ctx: &RequestCtx, req: &Request) -> Vec<Bytes> {
         context_id,
         &extents,
     );
-    vec![b.freeze()]
+    vec![b.freeze().into()]
 }
 
 #[cfg(test)]

@@ -952,6 +952,21 @@ impl Lun for RedirectingLun {
         })
     }
 
+    /// Only while I/O goes direct and no ghost write overlaps the range (those are served
+    /// from memory by [`Lun::read_at`]); otherwise `None` and the caller reads normally.
+    fn read_piped(&self, offset: u64, len: usize) -> Option<csv_core::lun::pipe::Pipe> {
+        self.checked(offset, len as u64).ok()?;
+        {
+            let st = self.inner.lock();
+            if st.policy.route() != Route::Direct
+                || !st.ledger.overlay(offset, len as u64).is_empty()
+            {
+                return None;
+            }
+        }
+        self.inner.direct.read_piped(offset, len)
+    }
+
     fn write_at(&self, offset: u64, data: Bytes, fua: bool) -> LunFuture<'_, ()> {
         self.write_fenced(offset, data, fua, None)
     }

@@ -39,6 +39,7 @@ use bytes::Bytes;
 
 use super::bufpool::BufPool;
 use super::iopool::IoPool;
+use super::pipe::{self, Pipe};
 use super::{Lun, LunError, LunFuture, check_aligned, check_range};
 
 /// Alignment (and buffer alignment) required with O_DIRECT.
@@ -522,6 +523,14 @@ impl Lun for FileLun {
             })
             .await
         })
+    }
+
+    fn read_piped(&self, offset: u64, len: usize) -> Option<Pipe> {
+        // O_DIRECT LUNs bypass the page cache: nothing there to reference.
+        if self.opts.direct || self.check(offset, len as u64).is_err() {
+            return None;
+        }
+        pipe::splice_cached(&self.file, offset, len)
     }
 
     fn write_at(&self, offset: u64, data: Bytes, fua: bool) -> LunFuture<'_, ()> {

@@ -18,6 +18,7 @@ pub mod iopool;
 pub mod mem;
 pub mod nbd;
 pub mod open;
+pub mod pipe;
 
 pub use fault::{FaultError, FaultHandle, FaultLun, OpKind, OpSet};
 pub use file::{FileLun, FileLunOptions};
@@ -119,6 +120,14 @@ pub trait Lun: Send + Sync + 'static {
     fn settle(&self) -> LunFuture<'_, ()> {
         self.flush()
     }
+    /// Splices `len` bytes at `offset` into a pipe, without copying and without waiting:
+    /// only when every byte is in this node's page cache and the LUN is read directly.
+    /// `None`: not possible now; read with [`Lun::read_at`] instead (which also reports
+    /// errors). The default never splices.
+    fn read_piped(&self, offset: u64, len: usize) -> Option<pipe::Pipe> {
+        let _ = (offset, len);
+        None
+    }
     /// Writes on behalf of the holder of a fencing token (the file's data lock). A
     /// backend that forwards I/O to another node (the redirector) sends the token along
     /// so the peer can refuse a stale writer; direct backends ignore it.
@@ -156,6 +165,9 @@ impl<L: Lun + ?Sized> Lun for std::sync::Arc<L> {
     }
     fn read_at(&self, offset: u64, len: usize) -> LunFuture<'_, Bytes> {
         (**self).read_at(offset, len)
+    }
+    fn read_piped(&self, offset: u64, len: usize) -> Option<pipe::Pipe> {
+        (**self).read_piped(offset, len)
     }
     fn write_at(&self, offset: u64, data: Bytes, fua: bool) -> LunFuture<'_, ()> {
         (**self).write_at(offset, data, fua)

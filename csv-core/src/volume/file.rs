@@ -18,12 +18,13 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{OwnedRwLockReadGuard, RwLock, broadcast};
 
-use super::extents::{ExtentMap, RunKind};
+use super::extents::{ExtentMap, Run, RunKind};
 use super::{
     Applied, Consistency, MetaAnswer, MetaClientError, MetaQuery, Shared, VolumeError,
     VolumeResult, WeakShared, answer, lock, now,
 };
 use crate::lun::IoFence;
+use crate::lun::pipe::Pipe;
 
 /// How long a write waits for a lapsed lease to come back before it fails as fenced.
 const LEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -276,6 +277,18 @@ impl OpenFile {
             .io_guard(&self.fs, LockMode::Shared, None)
             .await?;
         self.shared.read_locked(&self.fs, offset, len).await
+    }
+
+    /// Splices `len` bytes at `offset` into a pipe, without copying them (see
+    /// [`crate::lun::pipe`]): only when the range lies inside the file and in one written
+    /// extent, the LUN is read directly, and every byte is in this node's page cache.
+    /// `None`: read with [`OpenFile::read`].
+    pub async fn read_piped(&self, offset: u64, len: usize) -> VolumeResult<Option<Pipe>> {
+        let _g = self
+            .shared
+            .io_guard(&self.fs, LockMode::Shared, None)
+            .await?;
+        Ok(self.shared.read_piped_locked(&self.fs, offset, len))
     }
 
     /// Writes all of `data` at `offset`; returns the byte count.
@@ -585,15 +598,7 @@ impl Shared {
         };
         let end = size;
         // One written extent covers the whole read (the common case): no staging copy.
-        if let [run] = runs.as_slice()
-            && let RunKind::Mapped {
-                lun_block,
-                state: ExtentState::Written,
-            } = run.kind
-            && run.file_block * bs <= offset
-            && (run.file_block + run.len) * bs >= end
-        {
-            let lun_off = lun_block * bs + (offset - run.file_block * bs);
+        if let Some(lun_off) = in_one_written_run(&runs, bs, offset, end) {
             return self.lun_read(lun_off, (end - offset) as usize).await;
         }
         let mut buf = BytesMut::zeroed((end - offset) as usize);
@@ -612,6 +617,20 @@ impl Shared {
             buf[(r0 - offset) as usize..(r1 - offset) as usize].copy_from_slice(&data);
         }
         Ok(buf.freeze())
+    }
+
+    /// See [`OpenFile::read_piped`]; the caller holds the file's I/O guard.
+    fn read_piped_locked(&self, fs: &Arc<FileState>, offset: u64, len: usize) -> Option<Pipe> {
+        let end = offset.checked_add(len as u64)?;
+        let runs = {
+            let c = lock(&fs.core);
+            if len == 0 || end > c.size {
+                return None;
+            }
+            c.map.runs(offset / self.bs, end.div_ceil(self.bs))
+        };
+        let lun_off = in_one_written_run(&runs, self.bs, offset, end)?;
+        self.lun.read_piped(lun_off, len)
     }
 
     /// Reads `len` bytes at LUN byte `off`, widening to the LUN's alignment.
@@ -1287,4 +1306,21 @@ impl Shared {
             self.break_locked(&fs).await;
         }
     }
+}
+
+/// The LUN byte holding file byte `offset` when `[offset, end)` lies inside one written
+/// extent of `runs` (file blocks of `bs` bytes).
+fn in_one_written_run(runs: &[Run], bs: u64, offset: u64, end: u64) -> Option<u64> {
+    let [run] = runs else {
+        return None;
+    };
+    let RunKind::Mapped {
+        lun_block,
+        state: ExtentState::Written,
+    } = run.kind
+    else {
+        return None;
+    };
+    (run.file_block * bs <= offset && (run.file_block + run.len) * bs >= end)
+        .then(|| lun_block * bs + (offset - run.file_block * bs))
 }

@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 
 use bytes::Bytes;
+use csv_core::lun::pipe::Pipe;
 use csv_core::meta::Ino;
 
 use super::backing::VolumeBacking;
@@ -198,6 +199,13 @@ impl BlockDevice for VolumeDevice {
         Box::pin(async move {
             self.fresh().await;
             self.inner().read(offset, len).await
+        })
+    }
+
+    fn read_piped(&self, offset: u64, len: u32) -> BoxFuture<'_, Option<Pipe>> {
+        Box::pin(async move {
+            self.fresh().await;
+            self.inner().read_piped(offset, len).await
         })
     }
 
