@@ -184,6 +184,32 @@ async fn qemu_nbd_tools_and_fio_work_against_volume_exports_on_any_node() {
     );
     assert!(out.contains("err= 0"), "{out}");
 
+    // 1 MiB blocks written through node 2, verified through both nodes: reads of 64 KiB and
+    // more whose LUN pages are cached are spliced into the socket, not copied.
+    sized_file(&m1.join("vms/seq.img"), 32 << 20);
+    let seq = |node: u64, extra: &str| {
+        let out = run(
+            "fio",
+            &[
+                "--name=seq",
+                "--ioengine=nbd",
+                &format!("--uri={}", uri(&c, node, "vms/seq.img")),
+                "--rw=write",
+                "--bs=1M",
+                "--size=32M",
+                "--iodepth=8",
+                "--verify=crc32c",
+                "--verify_state_save=0",
+                "--verify_fatal=1",
+                extra,
+            ],
+        );
+        assert!(out.contains("err= 0"), "{out}");
+    };
+    seq(2, "--do_verify=1");
+    seq(1, "--verify_only=1");
+    seq(2, "--verify_only=1");
+
     // The FUSE view agrees with what the exports wrote.
     assert_eq!(
         std::fs::read(mnt(&c, 2).join("vms/disk.img")).unwrap(),
