@@ -795,3 +795,75 @@ async fn settle_gives_up_after_the_pause_bound_so_the_caller_keeps_its_lock() {
     assert!(matches!(err, LunError::Timeout { .. }), "{err:?}");
     c.fault(1).release();
 }
+
+/// Spliced reads (`Lun::read_piped`) come from the local page cache, so the redirector offers
+/// them only while it reads directly: a redirected node reads through its peer as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_are_spliced_only_while_the_node_reads_directly() {
+    use csv_core::lun::file::{FileLun, FileLunOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lun");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(LUN_SIZE)
+        .unwrap();
+    let net = Arc::new(Net::default());
+    let mut luns = BTreeMap::new();
+    for id in 1..=2u64 {
+        let file = FileLun::open(&path, FileLunOptions::default()).unwrap();
+        let transport = Arc::new(Transport {
+            me: id,
+            net: net.clone(),
+        });
+        let lun = RedirectingLun::new(id, Arc::new(PlainPath(file)), transport, cfg()).unwrap();
+        net.services
+            .lock()
+            .unwrap()
+            .insert(id, lun.peer_service(Arc::new(NoFence)));
+        luns.insert(id, lun);
+    }
+    let refresh = |luns: &BTreeMap<NodeId, RedirectingLun>| {
+        let health: Vec<(NodeId, bool)> = luns
+            .iter()
+            .map(|(id, l)| (*id, l.mode() == Mode::Direct))
+            .collect();
+        for l in luns.values() {
+            l.update_peers(&health);
+        }
+    };
+    refresh(&luns);
+    let data: Bytes = (0..(64 << 10)).map(|i| (i % 199) as u8).collect();
+    let l1 = &luns[&1];
+    l1.write_at(8192, data.clone(), false).await.unwrap();
+    // Direct: the written (so cached) range is spliced, and reads back intact.
+    let mut pipe = l1
+        .read_piped(8192, data.len())
+        .expect("direct reads splice");
+    assert_eq!(pipe.drain().unwrap(), data);
+
+    // Redirected by the operator: no splice; the ordinary read goes through node 2.
+    l1.set_user_redirect(true);
+    eventually_real(|| l1.mode() != Mode::Direct, "node 1 redirects").await;
+    assert!(l1.read_piped(8192, data.len()).is_none());
+    let before = l1.stats().peer_attempts;
+    assert_eq!(l1.read_at(8192, data.len()).await.unwrap(), data);
+    assert!(
+        l1.stats().peer_attempts > before,
+        "the read did not go through the peer"
+    );
+
+    // Back to direct: spliced again.
+    l1.set_user_redirect(false);
+    eventually_real(|| l1.mode() == Mode::Direct, "node 1 reads directly again").await;
+    let mut pipe = l1.read_piped(8192, data.len()).expect("direct again");
+    assert_eq!(pipe.drain().unwrap(), data);
+}
+
+/// Polls `cond` in real time (for LUNs doing real file I/O), failing after 10 s.
+async fn eventually_real(mut cond: impl FnMut() -> bool, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
