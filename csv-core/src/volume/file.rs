@@ -1225,6 +1225,13 @@ pub(crate) async fn watch_breaks(shared: WeakShared, mut feed: broadcast::Receiv
         Some(s) => (s.cfg.scan_interval, s.stop.subscribe()),
         None => return,
     };
+    // One timer for the whole loop: a sleep made anew each time round would never fire while
+    // the feed delivers a commit more often than `interval` (any busy cluster), and breaks the
+    // feed did not show (a follower brought up to date by a snapshot applies no single
+    // commits) would then wait for a quiet moment.
+    let mut scan_timer = tokio::time::interval(interval);
+    scan_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    scan_timer.tick().await;
     loop {
         let mut candidates: Vec<Ino> = Vec::new();
         let mut scan = false;
@@ -1240,7 +1247,7 @@ pub(crate) async fn watch_breaks(shared: WeakShared, mut feed: broadcast::Receiv
                 Err(broadcast::error::RecvError::Lagged(_)) => scan = true,
                 Err(broadcast::error::RecvError::Closed) => return,
             },
-            _ = tokio::time::sleep(interval) => scan = true,
+            _ = scan_timer.tick() => scan = true,
             _ = stop.changed() => return,
         }
         let Some(s) = shared.upgrade() else { return };
