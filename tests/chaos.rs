@@ -1034,12 +1034,7 @@ async fn partition_run(workloads: &[WorkloadKind]) {
     for f in leader_cut {
         let old = f.node.unwrap();
         let (before, heal) = f.detail.split_once("at heal: ").unwrap();
-        let old_term: u64 = before
-            .rsplit(" term ")
-            .next()
-            .and_then(|t| t.split(|c: char| !c.is_ascii_digit()).next())
-            .and_then(|t| t.parse().ok())
-            .unwrap_or_else(|| panic!("no term before the cut: {f:?}"));
+        let old_term = last_term(before).unwrap_or_else(|| panic!("no term before the cut: {f:?}"));
         // Groups read "2,3: leader 2 term 4" or "2,3: no leader, term 4".
         let majority: Vec<(Option<u64>, u64)> = heal
             .split("; ")
@@ -1052,12 +1047,7 @@ async fn partition_run(workloads: &[WorkloadKind]) {
                     .strip_prefix("leader ")
                     .and_then(|v| v.split(' ').next())
                     .and_then(|l| l.parse().ok());
-                let term = view
-                    .rsplit("term ")
-                    .next()
-                    .and_then(|t| t.split(|c: char| !c.is_ascii_digit()).next())
-                    .and_then(|t| t.parse().ok())?;
-                Some((leader, term))
+                Some((leader, last_term(view)?))
             })
             .collect();
         assert!(!majority.is_empty(), "no majority view at heal: {f:?}");
@@ -1074,6 +1064,16 @@ async fn partition_run(workloads: &[WorkloadKind]) {
         "no leader cut ended with a new leader: {:?}",
         report.faults
     );
+}
+
+/// The number after the last "term " in a leader view ("1,2: leader 1 term 8)" gives 8).
+fn last_term(view: &str) -> Option<u64> {
+    view.rsplit("term ")
+        .next()?
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
 }
 
 fn file_hashes(store: &Path) -> Vec<(String, Vec<u8>)> {

@@ -200,37 +200,29 @@ impl NbdServer {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        self.spawn_serving(stream, peer, |_| None);
+        self.spawn_serving(stream, peer, None);
     }
 
-    /// Serves an accepted socket; READ replies may be spliced into it.
+    /// Serves an accepted socket; READ replies may be spliced into it. Called on the
+    /// server's runtime (registering the descriptor needs it).
     fn spawn_socket<S>(&self, stream: S, peer: String)
     where
         S: AsyncRead + AsyncWrite + AsFd + Unpin + Send + 'static,
     {
-        self.spawn_serving(stream, peer, |s| match SpliceSocket::new(s) {
-            Ok(sock) => Some(sock),
-            Err(e) => {
-                debug!(error = %e, "replies will not be spliced");
-                None
-            }
-        });
+        let splice = SpliceSocket::new(&stream)
+            .inspect_err(|e| debug!(error = %e, "replies will not be spliced"))
+            .ok();
+        self.spawn_serving(stream, peer, splice);
     }
 
-    fn spawn_serving<S>(
-        &self,
-        stream: S,
-        peer: String,
-        splice: impl FnOnce(&S) -> Option<SpliceSocket> + Send + 'static,
-    ) where
+    fn spawn_serving<S>(&self, stream: S, peer: String, splice: Option<SpliceSocket>)
+    where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let shared = self.shared.clone();
         let span = info_span!("nbd_conn", peer = %peer);
         self.shared.tasks.spawn(
             async move {
-                // Inside the task: registering the descriptor needs the runtime.
-                let splice = splice(&stream);
                 if let Err(e) = serve_connection(shared, stream, splice, peer).await {
                     warn!(error = %chain(&e), "NBD connection closed");
                 }

@@ -4,6 +4,7 @@
 
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -150,10 +151,12 @@ impl Raw {
     }
 }
 
-/// A backing whose writes wait for a permit (lets tests hold requests in flight).
+/// A backing whose writes wait for a permit (lets tests hold requests in flight) and which
+/// counts the reads it served spliced.
 struct GatedBacking {
     inner: FileBacking,
     gate: Arc<Semaphore>,
+    spliced: Arc<AtomicUsize>,
 }
 
 impl BackingFile for GatedBacking {
@@ -162,6 +165,19 @@ impl BackingFile for GatedBacking {
     }
     fn read_at(&self, offset: u64, len: usize) -> BoxFuture<'_, io::Result<Bytes>> {
         self.inner.read_at(offset, len)
+    }
+    fn read_piped(
+        &self,
+        offset: u64,
+        len: usize,
+    ) -> BoxFuture<'_, Option<csv_core::lun::pipe::Pipe>> {
+        Box::pin(async move {
+            let p = self.inner.read_piped(offset, len).await;
+            if p.is_some() {
+                self.spliced.fetch_add(1, Ordering::Relaxed);
+            }
+            p
+        })
     }
     fn write_at(&self, offset: u64, data: Bytes) -> BoxFuture<'_, io::Result<()>> {
         Box::pin(async move {
@@ -207,6 +223,7 @@ struct Gated {
     sock: std::path::PathBuf,
     server: NbdServer,
     gate: Arc<Semaphore>,
+    spliced: Arc<AtomicUsize>,
     accept: tokio::task::JoinHandle<()>,
 }
 
@@ -219,6 +236,10 @@ fn quick() -> ServerConfig {
 }
 
 fn gated_server(config: ServerConfig) -> Gated {
+    gated_server_sized(config, SIZE)
+}
+
+fn gated_server_sized(config: ServerConfig, size: u64) -> Gated {
     let tmp = tempfile::tempdir().unwrap();
     let file = std::fs::File::options()
         .read(true)
@@ -227,13 +248,15 @@ fn gated_server(config: ServerConfig) -> Gated {
         .truncate(true)
         .open(tmp.path().join("disk"))
         .unwrap();
-    file.set_len(SIZE).unwrap();
+    file.set_len(size).unwrap();
     let gate = Arc::new(Semaphore::new(0));
+    let spliced = Arc::new(AtomicUsize::new(0));
     let backing = Arc::new(GatedBacking {
         inner: FileBacking::new(file).unwrap(),
         gate: gate.clone(),
+        spliced: spliced.clone(),
     });
-    let device: Arc<dyn BlockDevice> = Arc::new(RawDevice::new(backing, SIZE, false));
+    let device: Arc<dyn BlockDevice> = Arc::new(RawDevice::new(backing, size, false));
     let server = NbdServer::new(Arc::new(GatedProvider { device }), config, None);
     let sock = tmp.path().join("s.sock");
     let listener = UnixListener::bind(&sock).unwrap();
@@ -244,6 +267,7 @@ fn gated_server(config: ServerConfig) -> Gated {
         sock,
         server,
         gate,
+        spliced,
         accept,
     }
 }
@@ -500,69 +524,14 @@ async fn non_fixed_client_with_export_name_gets_padded_reply() {
     g.server.shutdown().await;
 }
 
-/// A file backing that counts the reads it served spliced.
-struct CountingBacking {
-    inner: FileBacking,
-    spliced: Arc<std::sync::atomic::AtomicUsize>,
-}
-
-impl BackingFile for CountingBacking {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn read_at(&self, offset: u64, len: usize) -> BoxFuture<'_, io::Result<Bytes>> {
-        self.inner.read_at(offset, len)
-    }
-    fn read_piped(
-        &self,
-        offset: u64,
-        len: usize,
-    ) -> BoxFuture<'_, Option<csv_core::lun::pipe::Pipe>> {
-        Box::pin(async move {
-            let p = self.inner.read_piped(offset, len).await;
-            if p.is_some() {
-                self.spliced
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-            p
-        })
-    }
-    fn write_at(&self, offset: u64, data: Bytes) -> BoxFuture<'_, io::Result<()>> {
-        self.inner.write_at(offset, data)
-    }
-    fn flush(&self) -> BoxFuture<'_, io::Result<()>> {
-        self.inner.flush()
-    }
-    fn set_size(&self, new_size: u64) -> BoxFuture<'_, io::Result<()>> {
-        self.inner.set_size(new_size)
-    }
-}
-
 /// Large reads of cached data go out as spliced pipes; the client sees the same bytes, in
 /// reply order, as for copied reads (small, unaligned past a pipe's pages, or past a write).
 #[tokio::test]
 async fn large_cached_reads_are_spliced_and_read_back_intact_between_copied_replies() {
     const DISK: u64 = 4 << 20;
-    let tmp = tempfile::tempdir().unwrap();
-    let file = std::fs::File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(tmp.path().join("disk"))
-        .unwrap();
-    file.set_len(DISK).unwrap();
-    let spliced = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let backing = Arc::new(CountingBacking {
-        inner: FileBacking::new(file).unwrap(),
-        spliced: spliced.clone(),
-    });
-    let device: Arc<dyn BlockDevice> = Arc::new(RawDevice::new(backing, DISK, false));
-    let server = NbdServer::new(Arc::new(GatedProvider { device }), quick(), None);
-    let sock = tmp.path().join("s.sock");
-    let listener = UnixListener::bind(&sock).unwrap();
-    let s = server.clone();
-    let accept = tokio::spawn(async move { s.serve_unix(listener).await.unwrap() });
+    let g = gated_server_sized(quick(), DISK);
+    g.gate.add_permits(1 << 20);
+    let (sock, spliced) = (g.sock.clone(), g.spliced.clone());
 
     let mut c = Raw::fixed(&sock).await;
     c.go("disk").await;
@@ -596,10 +565,10 @@ async fn large_cached_reads_are_spliced_and_read_back_intact_between_copied_repl
     seen.sort_unstable();
     assert_eq!(seen, [10, 11, 12, 13]);
     assert_eq!(
-        spliced.load(std::sync::atomic::Ordering::Relaxed),
+        spliced.load(Ordering::Relaxed),
         2,
         "the two page-aligned 1 MiB reads are spliced, the others copied"
     );
-    server.shutdown().await;
-    accept.abort();
+    g.server.shutdown().await;
+    g.accept.abort();
 }

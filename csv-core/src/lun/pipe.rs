@@ -93,7 +93,7 @@ impl Pipe {
     }
 
     /// Whether `len` bytes at `offset` fit one pipe (a slot per page touched).
-    pub fn fits(offset: u64, len: usize) -> bool {
+    fn fits(offset: u64, len: usize) -> bool {
         let first = offset / PAGE;
         let last = (offset + len as u64).div_ceil(PAGE);
         len > 0 && (last - first) * PAGE <= PIPE_BYTES as u64
@@ -102,7 +102,7 @@ impl Pipe {
     /// Splices `len` bytes of `file` at `offset` into this empty pipe, if every page of the
     /// range is in the page cache. `Ok(false)`: some page is not (nothing was spliced).
     /// An error leaves the pipe unusable; drop it.
-    pub fn fill_if_cached(&mut self, file: &File, offset: u64, len: usize) -> io::Result<bool> {
+    fn fill_if_cached(&mut self, file: &File, offset: u64, len: usize) -> io::Result<bool> {
         if self.len != 0 || !Pipe::fits(offset, len) {
             return Ok(false);
         }
