@@ -53,11 +53,13 @@ async fn a_killed_leader_restarted_after_a_new_election_rejoins_promptly_every_t
         c.kill9(old);
         let survivors: Vec<u64> = [1, 2, 3].into_iter().filter(|n| *n != old).collect();
         c.leader_among(&survivors, Duration::from_secs(30)).await;
-        // The new leader commits (a survivor's lease may take a keep-alive to come back).
+        // The new leader commits (each survivor's lease may take a keep-alive to come back).
         let deadline = Instant::now() + Duration::from_secs(20);
-        while let Err(e) = c.acquire(survivors[0], &format!("round-{round}")).await {
-            assert!(Instant::now() < deadline, "no lock after the failover: {e}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        for n in &survivors {
+            while let Err(e) = c.acquire(*n, &format!("round-{round}-node-{n}")).await {
+                assert!(Instant::now() < deadline, "no lock after the failover: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
         for i in 0..40 {
             let key = format!("round-{round}-{i}");
