@@ -1018,8 +1018,9 @@ async fn partition_run(workloads: &[WorkloadKind]) {
             "{f:?}"
         );
     }
-    // With the leader cut off, the other two noticed and started electing (a term moved on),
-    // and in at least one cut they finished: a new leader by the heal. Not in every cut:
+    // With the leader cut off for 3 s or more, the other two noticed and started electing (a
+    // term moved on), and in at least one cut they finished: a new leader by the heal. Not in
+    // every cut:
     // openraft 0.9 waits out the old leader's lease (0.8 s) plus an election timeout (0.4-0.8 s)
     // before its first vote, a voter that saw a longer log waits 1.6 s more, and a split vote
     // costs another round, so a 2-4 s cut can heal first (seen in CI on two busy cores, with a
@@ -1035,12 +1036,13 @@ async fn partition_run(workloads: &[WorkloadKind]) {
         let old = f.node.unwrap();
         let (before, heal) = f.detail.split_once("at heal: ").unwrap();
         let old_term = last_term(before).unwrap_or_else(|| panic!("no term before the cut: {f:?}"));
-        // Groups read "2,3: leader 2 term 4" or "2,3: no leader, term 4".
+        // Groups read "2,3: leader 2 term 4" or "2,3: no leader, term 4"; a group holding
+        // the old leader and others ("1,2,3: leader 1 term 9") is the others' view too.
         let majority: Vec<(Option<u64>, u64)> = heal
             .split("; ")
             .filter_map(|g| {
                 let (ids, view) = g.split_once(": ")?;
-                if ids.split(',').any(|i| i == old.to_string()) {
+                if ids.split(',').all(|i| i == old.to_string()) {
                     return None;
                 }
                 let leader = view
@@ -1051,10 +1053,13 @@ async fn partition_run(workloads: &[WorkloadKind]) {
             })
             .collect();
         assert!(!majority.is_empty(), "no majority view at heal: {f:?}");
-        assert!(
-            majority.iter().any(|&(_, term)| term > old_term),
-            "the majority side did not start an election: {f:?}"
-        );
+        // A shorter cut can heal before the first vote (seen under load: 2.2 s, no new term).
+        if f.end_s - f.start_s >= LEADER_CUT_ELECTS_S {
+            assert!(
+                majority.iter().any(|&(_, term)| term > old_term),
+                "the majority side did not start an election: {f:?}"
+            );
+        }
         if majority.iter().any(|&(l, _)| l.is_some_and(|l| l != old)) {
             elected += 1;
         }
