@@ -1259,25 +1259,54 @@ pub(crate) async fn watch_breaks(shared: WeakShared, mut feed: broadcast::Receiv
                 .collect();
         }
         for ino in candidates {
-            let Some(fs) = lock(&s.files).get(&ino).cloned() else {
-                continue;
-            };
-            if !fs.holds_lock() {
-                continue;
-            }
             let s2 = s.clone();
-            tokio::spawn(async move { s2.maybe_break(fs).await });
+            if scan {
+                let Some(fs) = lock(&s.files).get(&ino).cloned() else {
+                    continue;
+                };
+                if fs.holds_lock() {
+                    tokio::spawn(async move { s2.maybe_break(fs).await });
+                }
+            } else {
+                // A break request names the file even where this node keeps no state of it
+                // or holds nothing in it: its session may still hold the lock (see
+                // `maybe_break`). Every requester retries, so each gets looked at again.
+                tokio::spawn(async move {
+                    let held = matches!(
+                        s2.meta.lock_info(&data_lock_key(ino), Consistency::Replica).await,
+                        Ok(Some(info)) if info.holders.iter().any(|h| Some(h.session) == s2.meta.session())
+                    );
+                    if held {
+                        let fs = s2.file_ref(ino);
+                        s2.maybe_break(fs.clone()).await;
+                        s2.file_unref(&fs);
+                    }
+                });
+            }
         }
     }
 }
 
 impl Shared {
     /// Gives up `fs`'s lock if another node asked for it (or our session is gone).
+    ///
+    /// That includes a lock this node's session holds although no handle of this node took
+    /// it: an acquisition whose answer was lost (its proposal timed out, then committed, as
+    /// when a cut-off leader keeps its term through a short partition) or whose release
+    /// failed. No operation of this node relies on such a lock (every one that takes the
+    /// lock records it in the file's state under the exclusive `io` guard, where this check
+    /// runs too), and until it is released every other node's I/O to the file waits for it.
     async fn maybe_break(&self, fs: Arc<FileState>) {
         let key = data_lock_key(fs.ino);
         let me = self.meta.node_id();
         let wanted = match self.meta.lock_info(&key, Consistency::Replica).await {
-            Ok(Some(info)) => info.break_requested_by.is_some_and(|n| n != me),
+            Ok(Some(info)) => {
+                info.break_requested_by.is_some_and(|n| n != me)
+                    && info
+                        .holders
+                        .iter()
+                        .any(|h| Some(h.session) == self.meta.session())
+            }
             Ok(None) | Err(_) => false,
         };
         let session_gone = {
@@ -1308,9 +1337,25 @@ impl Shared {
             Ok(Some(info)) if info.break_requested_by.is_some_and(|n| n != me)
                 && info.holders.iter().any(|h| Some(h.session) == self.meta.session())
         );
-        if still {
+        if !still {
+            return;
+        }
+        if fs.holds_lock() {
             tracing::debug!(ino = fs.ino, "giving up a data lock another node asked for");
             self.break_locked(&fs).await;
+            return;
+        }
+        let Some(session) = self.meta.session() else {
+            return;
+        };
+        tracing::warn!(
+            ino = fs.ino,
+            session,
+            "releasing a data lock this node's session holds but none of its files took \
+             (an acquisition whose answer was lost)"
+        );
+        if let Err(e) = self.meta.release(session, &key).await {
+            tracing::warn!(ino = fs.ino, error = %e, "releasing a lost data lock failed");
         }
     }
 }
