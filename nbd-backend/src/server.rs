@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -704,6 +704,8 @@ where
     let kill = conn.kill_token().clone();
     let grace = shutdown_grace(shared.shutdown.clone(), cfg.shutdown_grace);
     tokio::pin!(grace);
+    // After a large payload, the next header is read on its own (see `read_header`).
+    let mut after_large = false;
     loop {
         let slot = match slots.clone().try_acquire_owned() {
             Ok(s) => s,
@@ -730,7 +732,7 @@ where
             biased;
             _ = kill.cancelled() => return Ok(()),
             _ = &mut grace => return Ok(()),
-            r = rd.read_exact(&mut hdr) => r,
+            r = read_header(rd, &mut hdr, after_large) => r,
         };
         match read {
             Ok(_) => {}
@@ -738,6 +740,7 @@ where
             Err(e) => return Err(e.into()),
         }
         let req = proto::parse_request(&hdr)?;
+        after_large = req.command.has_payload() && req.length >= LARGE_PAYLOAD;
         if req.command == Command::Disc {
             return Ok(());
         }
@@ -832,9 +835,33 @@ fn refusal_message(errno: Errno) -> &'static str {
     }
 }
 
+/// Payloads this large are received straight into their own buffer, never through the
+/// connection's read buffer.
+const LARGE_PAYLOAD: u32 = 64 << 10;
+
+/// Reads a request header. Right after a large payload (`after_large`) with nothing
+/// buffered, it reads exactly the header: a buffered read would pull up to the buffer's
+/// size of the next payload along with it, and every one of those bytes would then be
+/// copied once more, from the read buffer into the payload's buffer. Small requests keep
+/// the buffered read, which takes many of them in one system call.
+async fn read_header<R: AsyncRead + Unpin>(
+    rd: &mut BufReader<R>,
+    hdr: &mut [u8; proto::REQUEST_LEN],
+    after_large: bool,
+) -> io::Result<()> {
+    if after_large && rd.buffer().is_empty() {
+        rd.get_mut().read_exact(hdr).await?;
+    } else {
+        rd.read_exact(hdr).await?;
+    }
+    Ok(())
+}
+
 /// Reads a WRITE payload (within the byte budget), or drains it when the request is refused.
+/// A large payload takes what the read buffer holds, then reads the rest from the socket
+/// straight into its own buffer, exactly to its end (see [`read_header`]).
 async fn read_payload<R: AsyncRead + Unpin>(
-    rd: &mut R,
+    rd: &mut BufReader<R>,
     req: &Request,
     accepted: bool,
     budget: &Arc<Semaphore>,
@@ -858,9 +885,20 @@ async fn read_payload<R: AsyncRead + Unpin>(
     // bytes the reader has written, and `limit` stops it at the payload's end.
     let len = req.length as usize;
     let mut buf = bufs.take(len);
+    if req.length >= LARGE_PAYLOAD {
+        let have = rd.buffer().len().min(len);
+        buf.extend_from_slice(&rd.buffer()[..have]);
+        rd.consume(have);
+    }
     while buf.len() < len {
         let left = len - buf.len();
-        if rd.read_buf(&mut (&mut buf).limit(left)).await? == 0 {
+        let limited = &mut (&mut buf).limit(left);
+        let n = if req.length >= LARGE_PAYLOAD {
+            rd.get_mut().read_buf(limited).await?
+        } else {
+            rd.read_buf(limited).await?
+        };
+        if n == 0 {
             bufs.give_back(buf);
             return Err(io::ErrorKind::UnexpectedEof.into());
         }

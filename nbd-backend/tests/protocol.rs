@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use nbd_backend::export::{BackingFile, BoxFuture, FileBacking, RawDevice};
-use nbd_backend::proto::{self, ClientOption, Command, ExportRequest, MetaContextRequest, Request};
+use nbd_backend::proto::{
+    self, ClientOption, Command, Errno, ExportRequest, MetaContextRequest, Request,
+};
 use nbd_backend::{BlockDevice, ExportError, ExportProvider, NbdServer, OpenPurpose, ServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
@@ -569,6 +571,67 @@ async fn large_cached_reads_are_spliced_and_read_back_intact_between_copied_repl
         2,
         "the two page-aligned 1 MiB reads are spliced, the others copied"
     );
+    g.server.shutdown().await;
+    g.accept.abort();
+}
+
+/// Large and small WRITEs pipelined in one burst: large payloads are received past the
+/// connection's read buffer, small ones through it, and a refused large one is drained. The
+/// headers and payloads straddle every boundary; every byte lands where it was sent.
+#[tokio::test]
+async fn pipelined_large_and_small_writes_land_intact() {
+    const DISK: u64 = 4 << 20;
+    let g = gated_server_sized(quick(), DISK);
+    g.gate.add_permits(1 << 20);
+    let mut c = Raw::fixed(&g.sock).await;
+    c.go("disk").await;
+    // (cookie, offset, length): 1 MiB, 4 KiB, 64 KiB (the large threshold), 64 KiB - 1, a
+    // 256 KiB write past the end (refused, drained), 1 MiB unaligned, 512 bytes.
+    let writes: [(u64, u64, u32); 7] = [
+        (1, 0, 1 << 20),
+        (2, (1 << 20) + 4096, 4096),
+        (3, 2 << 20, 64 << 10),
+        (4, (2 << 20) + (64 << 10), (64 << 10) - 1),
+        (5, DISK - 4096, 256 << 10),
+        (6, (3 << 20) - 777, 1 << 20),
+        (7, 100, 512),
+    ];
+    let mut want = vec![0u8; DISK as usize];
+    let mut burst = BytesMut::new();
+    for (cookie, off, len) in writes {
+        let data: Vec<u8> = (0..len as usize)
+            .map(|i| ((i as u64 * 13 + cookie * 29) % 251) as u8)
+            .collect();
+        if off + len as u64 <= DISK {
+            want[off as usize..off as usize + len as usize].copy_from_slice(&data);
+        }
+        proto::encode_request(
+            &mut burst,
+            &Request {
+                flags: 0,
+                command: Command::Write,
+                cookie,
+                offset: off,
+                length: len,
+            },
+        );
+        burst.extend_from_slice(&data);
+    }
+    c.s.write_all(&burst).await.unwrap();
+    let mut answers = Vec::new();
+    for _ in writes {
+        answers.push(c.simple().await);
+    }
+    answers.sort_unstable_by_key(|&(_, cookie)| cookie);
+    let errs: Vec<u32> = answers.iter().map(|&(e, _)| e).collect();
+    assert_eq!(errs, [0, 0, 0, 0, Errno::NoSpc as u32, 0, 0], "{answers:?}");
+    for (i, chunk) in want.chunks(1 << 20).enumerate() {
+        let got = c
+            .read(100 + i as u64, (i << 20) as u64, 1 << 20)
+            .await
+            .unwrap();
+        assert!(got == chunk, "MiB {i} differs from what was written");
+    }
     g.server.shutdown().await;
     g.accept.abort();
 }
