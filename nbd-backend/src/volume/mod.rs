@@ -168,6 +168,11 @@ pub(crate) struct Inner {
     owned: Mutex<HashMap<Ino, Owned>>,
     conns: Mutex<HashMap<ConnectionId, Conn>>,
     open_serial: tokio::sync::Mutex<()>,
+    /// Held from an owner-lock acquisition until its outcome is recorded in `owned`, and
+    /// while releasing an owner lock this node's session holds without owning the export
+    /// ([`Inner::release_lost_owner`]): so a lock granted to a claim in progress is never
+    /// taken for a lost one.
+    claim_gate: tokio::sync::Mutex<()>,
     me: Weak<Inner>,
 }
 
@@ -212,6 +217,7 @@ impl VolumeExports {
             owned: Mutex::new(HashMap::new()),
             conns: Mutex::new(HashMap::new()),
             open_serial: tokio::sync::Mutex::new(()),
+            claim_gate: tokio::sync::Mutex::new(()),
             me: me.clone(),
         });
         tokio::spawn(watch(Arc::downgrade(&inner), feed));
@@ -390,10 +396,12 @@ impl Inner {
         let key = owner_key(dev.ino);
         let deadline = t0 + self.cfg.claim_wait;
         let mut handed_over = false;
-        let session = loop {
+        let (session, gate) = loop {
+            let gate = self.claim_gate.lock().await;
             match self.meta.acquire(&key, LockMode::Exclusive).await {
-                Ok((_, session)) => break session,
+                Ok((_, session)) => break (session, gate),
                 Err(MetaClientError::Meta(MetaError::LockBusy { .. })) => {
+                    drop(gate);
                     handed_over = true;
                     self.meta
                         .request_break(&key)
@@ -402,6 +410,7 @@ impl Inner {
                     self.wait_free(&key, deadline).await?;
                 }
                 Err(MetaClientError::NoSession) => {
+                    drop(gate);
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 Err(e) => return Err(OwnershipError::Meta(e)),
@@ -429,6 +438,7 @@ impl Inner {
                 session,
             },
         );
+        drop(gate);
         dev.set_owned(true);
         let taken = async {
             let token = dev
@@ -491,6 +501,7 @@ impl Inner {
             .get(&ino)
             .map(|o| (o.device.clone(), o.session));
         let Some((dev, session)) = owned else {
+            self.release_lost_owner(ino).await;
             return false;
         };
         let _c = dev.claim.lock().await;
@@ -522,6 +533,38 @@ impl Inner {
         lock(&self.devices).retain(|_, w| !std::ptr::eq(w.as_ptr(), Arc::as_ptr(&dev)));
         info!(export = %dev.name, ino, connections = conns.len(), ?drained, elapsed = ?t0.elapsed(), "NBD export handed over");
         true
+    }
+
+    /// Releases the owner lock of `ino` if this node's session holds it although this node
+    /// does not own the export, and another node asked for it: a claim whose acquisition
+    /// answer was lost (its proposal timed out, then committed) or whose release failed.
+    /// Nothing here writes under such a lock, and until it is released every claim of the
+    /// export elsewhere waits out `claim_wait`.
+    async fn release_lost_owner(&self, ino: Ino) {
+        let key = owner_key(ino);
+        let _gate = self.claim_gate.lock().await;
+        if lock(&self.owned).contains_key(&ino) {
+            return;
+        }
+        let (Some(session), me) = (self.meta.session(), self.meta.node_id()) else {
+            return;
+        };
+        let lost = matches!(
+            self.meta.lock_info(&key, Consistency::Local).await,
+            Ok(Some(info)) if info.break_requested_by.is_some_and(|n| n != me)
+                && info.holders.iter().any(|h| h.session == session)
+        );
+        if !lost {
+            return;
+        }
+        warn!(
+            ino,
+            session,
+            "releasing an owner lock this node's session holds without owning the export (a claim whose answer was lost)"
+        );
+        if let Err(e) = self.meta.release(session, &key).await {
+            warn!(ino, error = %chain(&e), "releasing a lost owner lock failed");
+        }
     }
 
     /// Drops ownership of devices whose session is gone: the lock went with it.
