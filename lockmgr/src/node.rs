@@ -574,6 +574,10 @@ impl MetaNode {
 
     async fn write_serial(&self, op: Op, serial: u64) -> Result<Response, NodeError> {
         let deadline = Instant::now() + WRITE_DEADLINE;
+        // Set once an attempt may have reached a leader's log: from then on, giving up says
+        // so, whatever the last attempt found (a later "no leader" does not undo an earlier
+        // proposal, which a new leader may still commit).
+        let mut maybe_applied: Option<String> = None;
         loop {
             let origin = self.serials.origin(self.cfg.node_id, serial);
             let leader = self.current_leader();
@@ -603,6 +607,9 @@ impl MetaNode {
                     leader_addr: None,
                 }),
             };
+            if let Err(LeaderError::Unavailable(e)) = &res {
+                maybe_applied = Some(e.clone());
+            }
             match res {
                 Ok(r) => return Ok(r),
                 Err(e) if Instant::now() < deadline => {
@@ -610,7 +617,10 @@ impl MetaNode {
                     self.wait_leader_change(leader).await
                 }
                 Err(LeaderError::NotLeader { .. }) => {
-                    return Err(NodeError::NoLeader(WRITE_DEADLINE));
+                    return Err(match maybe_applied {
+                        Some(e) => NodeError::Indeterminate(e),
+                        None => NodeError::NoLeader(WRITE_DEADLINE),
+                    });
                 }
                 Err(LeaderError::Unavailable(e)) => return Err(NodeError::Indeterminate(e)),
             }
