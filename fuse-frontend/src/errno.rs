@@ -22,6 +22,18 @@ pub fn errno(e: &VolumeError) -> Errno {
     }
 }
 
+/// The errno for an operation on an inode the kernel names by number after a path lookup
+/// (getattr, setattr, open). A file removed meanwhile, on this node or another, is ESTALE,
+/// not ENOENT: the kernel then walks the path again with `LOOKUP_REVAL` and opens or stats
+/// what the name means now (the file renamed over it on another node, say), or reports
+/// ENOENT if nothing.
+pub fn inode_errno(e: &VolumeError) -> Errno {
+    match e {
+        VolumeError::Meta(MetaError::NotFound) => Errno::from_i32(libc::ESTALE),
+        e => errno(e),
+    }
+}
+
 fn meta_errno(m: &MetaError) -> Errno {
     let code = match m {
         MetaError::NotFound => libc::ENOENT,
@@ -58,5 +70,9 @@ mod tests {
         assert_eq!(e(MetaError::FileTooBig), libc::EFBIG);
         assert_eq!(errno(&VolumeError::Fenced).code(), libc::EIO);
         assert_eq!(errno(&VolumeError::Stale(3)).code(), libc::ESTALE);
+        let gone = VolumeError::Meta(MetaError::NotFound);
+        assert_eq!(inode_errno(&gone).code(), libc::ESTALE);
+        assert_eq!(errno(&gone).code(), libc::ENOENT);
+        assert_eq!(inode_errno(&VolumeError::Fenced).code(), libc::EIO);
     }
 }

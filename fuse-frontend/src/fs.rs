@@ -28,7 +28,7 @@ use fuser::{
 };
 
 use crate::MountOptions;
-use crate::errno::errno;
+use crate::errno::{errno, inode_errno};
 
 const MAX_WRITE: u32 = 1 << 20;
 const DIR_BATCH: usize = 1024;
@@ -234,7 +234,7 @@ impl Replier {
     fn attr_reply(&self, reply: ReplyAttr, r: Result<Attr, VolumeError>) {
         match r {
             Ok(a) => reply.attr(&self.ttl_attr, &fattr(&a)),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(inode_errno(&e)),
         }
     }
 }
@@ -449,7 +449,7 @@ impl fuser::Filesystem for CsvFs {
                     }
                     reply.opened(FileHandle(fh), open_flags());
                 }
-                Err(e) => reply.error(errno(&e)),
+                Err(e) => reply.error(inode_errno(&e)),
             }
         });
     }

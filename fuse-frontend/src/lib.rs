@@ -17,7 +17,11 @@
 //!   every node as soon as its replica applies it, well within 1 s;
 //! - open: the volume reads the file's attributes linearizably, and the adapter drops
 //!   the kernel's cached attributes before replying, so a file closed on another node
-//!   shows its final size (close-to-open).
+//!   shows its final size (close-to-open);
+//! - a file removed on another node while this node's kernel still names it (a cached
+//!   dentry, before the feed dropped it) answers open, getattr and setattr with ESTALE, not
+//!   ENOENT: the kernel then looks the path up again (`LOOKUP_REVAL`) and reaches what the
+//!   name means now, such as the file another node renamed over it.
 
 pub mod errno;
 mod fs;
