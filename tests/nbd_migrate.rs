@@ -17,6 +17,14 @@ fn uri(c: &TestCluster, k: u64, name: &str) -> String {
     format!("nbd://{}/{name}", c.file.node(k).unwrap().nbd)
 }
 
+/// Creates a sparse disk image of `len` bytes through node 1's mount; returns its inode.
+fn disk(c: &TestCluster, name: &str, len: u64) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let f = std::fs::File::create(mnt(c, 1).join(name)).unwrap();
+    f.set_len(len).unwrap();
+    f.metadata().unwrap().ino()
+}
+
 fn csvctl(c: &TestCluster, args: &[&str]) -> String {
     let bin = env!("CARGO_BIN_EXE_csvctl");
     let mut all = vec!["--cluster", c.path().to_str().unwrap()];
@@ -130,10 +138,7 @@ async fn handoff_under_load_loses_no_acknowledged_write_and_refuses_the_old_conn
     let c = TestCluster::up(2).await;
     let export = "vms/vm1.img";
     std::fs::create_dir(mnt(&c, 1).join("vms")).unwrap();
-    std::fs::File::create(mnt(&c, 1).join(export))
-        .unwrap()
-        .set_len(48 << 20)
-        .unwrap();
+    disk(&c, export, 48 << 20);
     let tmp = tempfile::tempdir().unwrap();
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -207,10 +212,7 @@ async fn handoff_under_load_loses_no_acknowledged_write_and_refuses_the_old_conn
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_is_a_no_op_for_the_owner_and_info_never_takes_ownership() {
     let c = TestCluster::up(2).await;
-    std::fs::File::create(mnt(&c, 1).join("a.img"))
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    disk(&c, "a.img", 1 << 20);
     // INFO (qemu-img info, nbdinfo) from node 2 does not claim.
     run("nbdinfo", &[&uri(&c, 2, "a.img")]);
     run("qemu-img", &["info", "-f", "raw", &uri(&c, 2, "a.img")]);
@@ -246,13 +248,8 @@ async fn migrate_is_a_no_op_for_the_owner_and_info_never_takes_ownership() {
 /// release it, and the write goes through at once instead of waiting out the claim (60 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_owner_lock_held_without_owning_the_export_is_released_on_the_first_request() {
-    use std::os::unix::fs::MetadataExt;
     let c = TestCluster::up(2).await;
-    std::fs::File::create(mnt(&c, 1).join("a.img"))
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
-    let ino = std::fs::metadata(mnt(&c, 1).join("a.img")).unwrap().ino();
+    let ino = disk(&c, "a.img", 1 << 20);
     c.acquire(2, &format!("nbd-owner:{ino}")).await.unwrap();
     let t0 = Instant::now();
     run(

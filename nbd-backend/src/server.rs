@@ -740,7 +740,7 @@ where
             Err(e) => return Err(e.into()),
         }
         let req = proto::parse_request(&hdr)?;
-        after_large = req.command.has_payload() && req.length >= LARGE_PAYLOAD;
+        after_large = large_payload(&req);
         if req.command == Command::Disc {
             return Ok(());
         }
@@ -839,6 +839,10 @@ fn refusal_message(errno: Errno) -> &'static str {
 /// connection's read buffer.
 const LARGE_PAYLOAD: u32 = 64 << 10;
 
+fn large_payload(req: &Request) -> bool {
+    req.command.has_payload() && req.length >= LARGE_PAYLOAD
+}
+
 /// Reads a request header. Right after a large payload (`after_large`) with nothing
 /// buffered, it reads exactly the header: a buffered read would pull up to the buffer's
 /// size of the next payload along with it, and every one of those bytes would then be
@@ -885,7 +889,8 @@ async fn read_payload<R: AsyncRead + Unpin>(
     // bytes the reader has written, and `limit` stops it at the payload's end.
     let len = req.length as usize;
     let mut buf = bufs.take(len);
-    if req.length >= LARGE_PAYLOAD {
+    let large = large_payload(req);
+    if large {
         let have = rd.buffer().len().min(len);
         buf.extend_from_slice(&rd.buffer()[..have]);
         rd.consume(have);
@@ -893,7 +898,7 @@ async fn read_payload<R: AsyncRead + Unpin>(
     while buf.len() < len {
         let left = len - buf.len();
         let limited = &mut (&mut buf).limit(left);
-        let n = if req.length >= LARGE_PAYLOAD {
+        let n = if large {
             rd.get_mut().read_buf(limited).await?
         } else {
             rd.read_buf(limited).await?

@@ -1260,28 +1260,31 @@ pub(crate) async fn watch_breaks(shared: WeakShared, mut feed: broadcast::Receiv
         }
         for ino in candidates {
             let s2 = s.clone();
-            if scan {
-                let Some(fs) = lock(&s.files).get(&ino).cloned() else {
-                    continue;
-                };
-                if fs.holds_lock() {
+            let state = lock(&s.files).get(&ino).cloned();
+            match state {
+                // A scan looks only at files that hold a lock; a break request at any.
+                Some(fs) if !scan || fs.holds_lock() => {
                     tokio::spawn(async move { s2.maybe_break(fs).await });
                 }
-            } else {
-                // A break request names the file even where this node keeps no state of it
-                // or holds nothing in it: its session may still hold the lock (see
-                // `maybe_break`). Every requester retries, so each gets looked at again.
-                tokio::spawn(async move {
-                    let held = matches!(
-                        s2.meta.lock_info(&data_lock_key(ino), Consistency::Replica).await,
-                        Ok(Some(info)) if info.holders.iter().any(|h| Some(h.session) == s2.meta.session())
-                    );
-                    if held {
-                        let fs = s2.file_ref(ino);
-                        s2.maybe_break(fs.clone()).await;
-                        s2.file_unref(&fs);
-                    }
-                });
+                Some(_) => {}
+                None if scan => {}
+                None => {
+                    // A break request names the file even where this node keeps no state of it:
+                    // its session may still hold the lock (see `maybe_break`). Only then is a
+                    // state made for the check. Every requester retries, so each request gets
+                    // looked at again.
+                    tokio::spawn(async move {
+                        let held = matches!(
+                            s2.meta.lock_info(&data_lock_key(ino), Consistency::Replica).await,
+                            Ok(Some(info)) if info.holders.iter().any(|h| Some(h.session) == s2.meta.session())
+                        );
+                        if held {
+                            let fs = s2.file_ref(ino);
+                            s2.maybe_break(fs.clone()).await;
+                            s2.file_unref(&fs);
+                        }
+                    });
+                }
             }
         }
     }
