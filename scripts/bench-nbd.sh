@@ -4,7 +4,10 @@
 #   - nbdkit's file plugin and qemu-nbd serving a plain file of the same size (same filesystem),
 #   - a dynamic VHD export on the volume vs `qemu-nbd -f vpc` serving the same kind of VHD,
 # 1 MiB sequential write and read at iodepth 8, 4 KiB random write and read at iodepth 32, and
-# (as root) 4 KiB random reads that all miss the page cache.
+# (as root) 4 KiB random reads that all miss the page cache. nbdkit's null plugin (which keeps
+# nothing and reads zeros) shows what fio's one client thread reaches when the server
+# does no storage work at all. Each server's CPU use during each point is measured from
+# /proc/PID/stat (percent of one core, over the whole fio run).
 # All servers run at once and the targets take turns, pattern by pattern, for ROUNDS rounds:
 # load that comes and goes on the machine hits every target alike. Every target starts from a
 # fresh sparse file (or fresh VHD), and the first sequential write lays it out. Prints a
@@ -35,9 +38,11 @@ j = json.loads(raw[raw.index("{"):])["jobs"][0]
 d = j["write"] if j["write"]["io_bytes"] else j["read"]
 print("%.0f" % (d["bw"] / 1024) if sys.argv[1].startswith("seq") else "%.1f" % (d["iops"] / 1000))'
 
-# fio URI PATTERN -> "value" (MiB/s for sequential, kIOPS for random)
+# fio URI PATTERN PID -> "value cpu" (MiB/s for sequential, kIOPS for random; the server's
+# CPU use in percent of one core)
+ticks() { awk '{sub(/^.*\) /, ""); print $12 + $13}' "/proc/$1/stat"; }
 point() {
-  local uri=$1 pat=$2 rw bs qd
+  local uri=$1 pat=$2 pid=$3 rw bs qd t0 t1 s0 s1 v
   local how=(--time_based --runtime="$runtime" --ramp_time=1)
   case $pat in
     seqwrite) rw=write bs=1M qd=8 ;; seqread) rw=read bs=1M qd=8 ;;
@@ -47,16 +52,18 @@ point() {
     coldread) rw=randread bs=4k qd=32; sync; echo 3 > /proc/sys/vm/drop_caches
               how=(--io_size=$(( $(numfmt --from=iec "$size") / 4 ))) ;;
   esac
-  fio --name=b --ioengine=nbd --uri="$uri" --rw=$rw --bs=$bs --iodepth=$qd --size="$size" \
-      "${how[@]}" --output-format=json 2>/dev/null |
-    /usr/bin/python3 -c "$parse" "$pat"
+  t0=$(ticks "$pid"); s0=$(date +%s%N)
+  v=$(fio --name=b --ioengine=nbd --uri="$uri" --rw=$rw --bs=$bs --iodepth=$qd --size="$size" \
+      "${how[@]}" --output-format=json 2>/dev/null | /usr/bin/python3 -c "$parse" "$pat")
+  t1=$(ticks "$pid"); s1=$(date +%s%N)
+  echo "$v $(( (t1 - t0) * 100 * 1000000000 / $(getconf CLK_TCK) / (s1 - s0) ))"
 }
 
 patterns="seqwrite seqread randwrite randread"
 # Reads that miss the page cache need `echo 3 > /proc/sys/vm/drop_caches` (root).
 [ -w /proc/sys/vm/drop_caches ] && patterns+=" coldread"
-targets="csvd nbdkit qemuraw csvdvhd qemuvpc"
-declare -A URI R
+targets="csvd nbdkit qemuraw null csvdvhd qemuvpc"
+declare -A URI R C PID
 
 # csvd: one node, the LUN a file on the same filesystem as the plain files.
 "$bin/csvctl" cluster up --dir "$work/c" --nodes 1 --lun-size 4G --detach >/dev/null
@@ -65,13 +72,23 @@ mnt="$work/c/node1/mnt"
 truncate -s "$size" "$mnt/bench.img"
 qemu-img create -q -f vpc -o subformat=dynamic "$mnt/bench.vhd" "$size"
 URI[csvd]="nbd://$nbd/bench.img"; URI[csvdvhd]="nbd://$nbd/bench.vhd"
+PID[csvd]=$(/usr/bin/python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["nodes"][0]["pid"])' "$work/c/cluster.json")
+PID[csvdvhd]=${PID[csvd]}
 
 # nbdkit file plugin.
 truncate -s "$size" "$work/nbdkit.img"
 port=$(free_port)
 nbdkit -f -i 127.0.0.1 -p "$port" file "$work/nbdkit.img" & pids+=($!)
+PID[nbdkit]=$!
 wait_port "$port" ""
 URI[nbdkit]="nbd://127.0.0.1:$port/"
+
+# The ceiling: nbdkit's null plugin does no storage work (writes vanish, reads are zeros).
+port=$(free_port)
+nbdkit -f -i 127.0.0.1 -p "$port" null "$size" & pids+=($!)
+PID[null]=$!
+wait_port "$port" ""
+URI[null]="nbd://127.0.0.1:$port/"
 
 # qemu-nbd raw and vpc (writeback cache, 8 clients allowed).
 truncate -s "$size" "$work/qemu.img"
@@ -80,6 +97,7 @@ for kind in raw vpc; do
   port=$(free_port)
   file=$work/qemu.img; [ $kind = vpc ] && file=$work/qemu.vhd
   qemu-nbd -f $kind -b 127.0.0.1 -p "$port" -x x -t --shared=8 "$file" & pids+=($!)
+  PID[qemu$kind]=$!
   wait_port "$port" x
   URI[qemu$kind]="nbd://127.0.0.1:$port/x"
 done
@@ -87,7 +105,10 @@ done
 for round in $(seq "$rounds"); do
   for p in $patterns; do
     for t in $targets; do
-      R[$t,$p]+="$(point "${URI[$t]}" $p) "
+      # Reads that miss the page cache mean nothing for a server that keeps no data.
+      [ "$t,$p" = null,coldread ] && continue
+      read -r v c < <(point "${URI[$t]}" $p "${PID[$t]}")
+      R[$t,$p]+="$v "; C[$t,$p]+="$c "
     done
   done
   echo "round $round of $rounds done" >&2
@@ -97,24 +118,36 @@ median() { /usr/bin/python3 -c 'import sys, statistics; v=statistics.median(map(
 ratio() { /usr/bin/python3 -c 'import sys; a=float(sys.argv[1]); b=max(map(float, sys.argv[2:])); print(f"{a/b:.2f}")' "$@"; }
 echo "# $(date -u +%FT%TZ) $(nproc) cores, SIZE=$size RUNTIME=${runtime}s ROUNDS=$rounds, fio $(fio --version), release build"
 echo
-echo "Medians of $rounds interleaved rounds (each round's values in the second table)."
+echo "Medians of $rounds interleaved rounds (each round's values in the last table)."
 echo
-echo "| pattern | unit | csvd raw | nbdkit file | qemu-nbd raw | csvd / best | csvd VHD | qemu-nbd -f vpc | csvd VHD / qemu |"
-echo "|---|---|---|---|---|---|---|---|---|"
-declare -A M
+echo "| pattern | unit | csvd raw | nbdkit file | qemu-nbd raw | csvd / best | nbdkit null (no storage) | csvd / null | csvd VHD | qemu-nbd -f vpc | csvd VHD / qemu |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|"
+declare -A M MC
 for p in $patterns; do
   for t in $targets; do
+    [ -n "${R[$t,$p]:-}" ] || { M[$t,$p]=-; MC[$t,$p]=-; continue; }
     # shellcheck disable=SC2086
-    M[$t,$p]=$(median ${R[$t,$p]})
+    M[$t,$p]=$(median ${R[$t,$p]}); MC[$t,$p]=$(median ${C[$t,$p]})
   done
   unit="k IOPS"; case $p in seq*) unit="MiB/s" ;; esac
-  echo "| $p | $unit | ${M[csvd,$p]} | ${M[nbdkit,$p]} | ${M[qemuraw,$p]} | $(ratio ${M[csvd,$p]} ${M[nbdkit,$p]} ${M[qemuraw,$p]}) | ${M[csvdvhd,$p]} | ${M[qemuvpc,$p]} | $(ratio ${M[csvdvhd,$p]} ${M[qemuvpc,$p]}) |"
+  ceil=-; [ "${M[null,$p]}" = - ] || ceil=$(ratio ${M[csvd,$p]} ${M[null,$p]})
+  echo "| $p | $unit | ${M[csvd,$p]} | ${M[nbdkit,$p]} | ${M[qemuraw,$p]} | $(ratio ${M[csvd,$p]} ${M[nbdkit,$p]} ${M[qemuraw,$p]}) | ${M[null,$p]} | $ceil | ${M[csvdvhd,$p]} | ${M[qemuvpc,$p]} | $(ratio ${M[csvdvhd,$p]} ${M[qemuvpc,$p]}) |"
 done
 echo
-echo "| pattern | csvd raw | nbdkit file | qemu-nbd raw | csvd VHD | qemu-nbd -f vpc |"
-echo "|---|---|---|---|---|---|"
+echo "Server CPU during each point, percent of one core (medians; fio uses the rest of the 2 cores):"
+echo
+echo "| pattern | csvd raw | nbdkit file | qemu-nbd raw | nbdkit null | csvd VHD | qemu-nbd -f vpc |"
+echo "|---|---|---|---|---|---|---|"
+for p in $patterns; do
+  echo "| $p | ${MC[csvd,$p]} | ${MC[nbdkit,$p]} | ${MC[qemuraw,$p]} | ${MC[null,$p]} | ${MC[csvdvhd,$p]} | ${MC[qemuvpc,$p]} |"
+done
+echo
+echo "Each round's values:"
+echo
+echo "| pattern | csvd raw | nbdkit file | qemu-nbd raw | nbdkit null | csvd VHD | qemu-nbd -f vpc |"
+echo "|---|---|---|---|---|---|---|"
 for p in $patterns; do
   row="| $p |"
-  for t in $targets; do row+=" $(echo ${R[$t,$p]} | tr ' ' '/') |"; done
+  for t in $targets; do row+=" $(echo ${R[$t,$p]:--} | tr ' ' '/') |"; done
   echo "$row"
 done
