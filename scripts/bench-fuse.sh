@@ -9,8 +9,8 @@
 #   seqread   1 MiB sequential read,  iodepth 4
 #   randwrite 4 KiB random write,     iodepth 32 (overwrites of an allocated file)
 #   randread  4 KiB random read,      iodepth 32
-# Two csvd nodes are measured: "csvd" opens its LUN file buffered (the default
-# `lun_direct = false`; like bindfs, which opens its backing file without O_DIRECT, the
+# Two csvd nodes are measured: "csvd" opens its LUN file buffered (the default for a
+# regular file; like bindfs, which opens its backing file without O_DIRECT, the
 # host page cache sits under it) and "csvd-direct" with O_DIRECT (nothing cached on the
 # host). Files are laid out once before the runs.
 set -euo pipefail
@@ -40,7 +40,7 @@ trap cleanup EXIT
 "$CSVCTL" cluster up --dir "$CL" --nodes 1 --lun-size 8G --detach >/dev/null
 "$CSVCTL" cluster up --dir "$CLD" --nodes 1 --lun-size 8G --detach >/dev/null
 "$CSVCTL" cluster down --dir "$CLD" >/dev/null
-sed -i 's/^lun_direct = false$/lun_direct = true/' "$CLD/node1/node.toml"
+sed -i '/^lun_direct = /d; /^lun = /a lun_direct = true' "$CLD/node1/node.toml"
 grep -q '^lun_direct = true$' "$CLD/node1/node.toml"
 "$CSVCTL" cluster up --dir "$CLD" --nodes 1 --lun-size 8G --detach >/dev/null
 

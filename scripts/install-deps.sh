@@ -16,6 +16,7 @@ want nbdcopy libnbd-bin
 want fio fio
 want bindfs bindfs
 want ip iproute2
+want losetup mount
 want qemu-nbd qemu-utils
 if ! /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1; then need_pkgs+=(python3-libnbd); fi
 

@@ -311,7 +311,7 @@ pub async fn up(opts: &UpOptions, children: &mut Children) -> anyhow::Result<Clu
             node_id: id,
             data_dir: nd.join("data"),
             lun: String::new(),
-            lun_direct: false,
+            lun_direct: None,
             mountpoint: Some(nd.join("mnt")),
             secret_file: secret_file.clone(),
             bootstrap: id == 1,

@@ -37,9 +37,11 @@ pub struct NodeConfig {
     /// The shared LUN: a block device (`/dev/sdX`), a file path, or an NBD target
     /// (`nbd://host:port/export`, `nbd+unix:///export?socket=/path`).
     pub lun: String,
-    /// Open a file or block device LUN with O_DIRECT (bypass the page cache).
-    #[serde(default)]
-    pub lun_direct: bool,
+    /// Open a file or block device LUN with O_DIRECT (`true`) or through the page cache
+    /// (`false`). Unset: O_DIRECT for a block device (other hosts write it, and this host's
+    /// page cache would not see their writes), the page cache for a regular file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lun_direct: Option<bool>,
     /// Where the volume is mounted through FUSE; empty to not mount.
     #[serde(default)]
     pub mountpoint: Option<PathBuf>,

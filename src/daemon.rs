@@ -50,7 +50,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
 
     let opts = csv_core::lun::LunOpenOptions {
         file: csv_core::lun::FileLunOptions {
-            direct: cfg.lun_direct,
+            cache: csv_core::lun::CacheMode::from_config(cfg.lun_direct),
             read_only: false,
         },
         ..Default::default()

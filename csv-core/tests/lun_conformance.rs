@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use csv_core::lun::conformance::{self, pattern};
-use csv_core::lun::{FaultLun, FileLun, FileLunOptions, Lun, LunError, MemLun, NbdLun, NbdOptions};
+use csv_core::lun::{
+    CacheMode, FaultLun, FileLun, FileLunOptions, Lun, LunError, MemLun, NbdLun, NbdOptions,
+};
 use proptest::prelude::*;
 
 const SIZE: u64 = 4 << 20;
@@ -17,7 +19,11 @@ fn file_lun(dir: &tempfile::TempDir, direct: bool) -> std::io::Result<FileLun> {
     FileLun::open(
         &path,
         FileLunOptions {
-            direct,
+            cache: if direct {
+                CacheMode::Direct
+            } else {
+                CacheMode::Buffered
+            },
             read_only: false,
         },
     )
@@ -203,7 +209,8 @@ proptest! {
         let dir = tempfile::tempdir().unwrap();
         let a = if direct { 4096 } else { 512 };
         let path = common::image(dir.path(), MODEL_BLOCKS * a);
-        let lun = match FileLun::open(&path, FileLunOptions { direct, read_only: false }) {
+        let cache = if direct { CacheMode::Direct } else { CacheMode::Buffered };
+        let lun = match FileLun::open(&path, FileLunOptions { cache, read_only: false }) {
             Ok(l) => l,
             Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
                 println!("skipping O_DIRECT case: {e}");

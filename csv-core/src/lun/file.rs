@@ -51,11 +51,49 @@ const BLKDISCARD: libc::c_ulong = 0x1277;
 /// Largest buffer one blocking call handles for zero fallback writes.
 const ZERO_STEP: u64 = 1 << 20;
 
+/// Whether a [`FileLun`] goes through this host's page cache.
+///
+/// A block device is a SAN LUN that other hosts write too, and each host's page cache of it
+/// is its own: a buffered read can answer from cached blocks that another host has since
+/// overwritten, and a partial-sector write then merges into them. So a block device bypasses
+/// the page cache unless told otherwise. A regular file is shared only by nodes on one host
+/// (the local cluster), which all see the one page cache of the file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CacheMode {
+    /// O_DIRECT for a block device, the page cache for a regular file.
+    #[default]
+    Auto,
+    /// Always O_DIRECT; requests must then be 4096-aligned.
+    Direct,
+    /// Always the page cache. On a block device, only safe when every node runs on this host.
+    Buffered,
+}
+
+impl CacheMode {
+    /// `Some(true)` = Direct, `Some(false)` = Buffered, `None` = Auto (a config's `lun_direct`).
+    pub fn from_config(direct: Option<bool>) -> CacheMode {
+        match direct {
+            None => CacheMode::Auto,
+            Some(true) => CacheMode::Direct,
+            Some(false) => CacheMode::Buffered,
+        }
+    }
+
+    /// Whether a LUN opened with this mode uses O_DIRECT.
+    pub fn is_direct(self, block_device: bool) -> bool {
+        match self {
+            CacheMode::Auto => block_device,
+            CacheMode::Direct => true,
+            CacheMode::Buffered => false,
+        }
+    }
+}
+
 /// How to open a [`FileLun`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FileLunOptions {
-    /// Bypass the page cache (O_DIRECT); requests must then be 4096-aligned.
-    pub direct: bool,
+    /// Page cache or O_DIRECT (see [`CacheMode`]).
+    pub cache: CacheMode,
     /// Open read-only; writes, discards and zeroing fail.
     pub read_only: bool,
 }
@@ -66,6 +104,8 @@ pub struct FileLun {
     path: PathBuf,
     size: u64,
     opts: FileLunOptions,
+    /// Opened with O_DIRECT (the resolved [`CacheMode`]).
+    direct: bool,
     block_device: bool,
     /// Buffered writes are first tried with `RWF_NOWAIT` (cleared once the file system
     /// answers `EOPNOTSUPP`).
@@ -394,14 +434,30 @@ impl FileLun {
     /// Opens `path` (a regular file or a block device) as a LUN.
     pub fn open(path: impl AsRef<Path>, opts: FileLunOptions) -> io::Result<FileLun> {
         let path = path.as_ref().to_path_buf();
+        // Decided before opening (O_DIRECT is an open flag); the opened file is checked again.
+        let block_device = std::fs::metadata(&path)?.file_type().is_block_device();
+        let direct = opts.cache.is_direct(block_device);
         let mut oo = OpenOptions::new();
         oo.read(true).write(!opts.read_only);
-        if opts.direct {
+        if direct {
             oo.custom_flags(libc::O_DIRECT);
         }
         let file = oo.open(&path)?;
         let meta = file.metadata()?;
-        let block_device = meta.file_type().is_block_device();
+        if meta.file_type().is_block_device() != block_device {
+            return Err(io::Error::other(format!(
+                "{} changed between stat and open",
+                path.display()
+            )));
+        }
+        if block_device && !direct {
+            tracing::warn!(
+                path = %path.display(),
+                "block device LUN opened through the page cache (lun_direct = false): another \
+                 host's writes may stay invisible to this node; only safe when every node runs \
+                 on this host"
+            );
+        }
         let size = if block_device {
             (&file).seek(SeekFrom::End(0))?
         } else if meta.is_file() {
@@ -420,11 +476,12 @@ impl FileLun {
             path,
             size,
             opts,
+            direct,
             block_device,
             nowait_writes: AtomicBool::new(true),
             pool: IoPool::new(
                 "csv-lun-io",
-                if opts.direct {
+                if direct {
                     DIRECT_IO_THREADS
                 } else {
                     BUFFERED_IO_THREADS
@@ -477,7 +534,7 @@ impl Lun for FileLun {
     }
 
     fn alignment(&self) -> u32 {
-        if self.opts.direct { DIRECT_ALIGN } else { 512 }
+        if self.direct { DIRECT_ALIGN } else { 512 }
     }
 
     fn describe(&self) -> String {
@@ -486,7 +543,7 @@ impl Lun for FileLun {
         } else {
             "file"
         };
-        let direct = if self.opts.direct { "+direct" } else { "" };
+        let direct = if self.direct { "+direct" } else { "" };
         format!("{kind}{direct}:{}", self.path.display())
     }
 
@@ -497,7 +554,7 @@ impl Lun for FileLun {
                 return Ok(Bytes::new());
             }
             let file = self.file.clone();
-            let direct = self.opts.direct;
+            let direct = self.direct;
             if !direct
                 && !InlineIo::is_entered()
                 && let Some(buf) = read_nowait(&file, len, offset, &self.bufs)
@@ -527,7 +584,7 @@ impl Lun for FileLun {
 
     fn read_piped(&self, offset: u64, len: usize) -> Option<Pipe> {
         // O_DIRECT LUNs bypass the page cache: nothing there to reference.
-        if self.opts.direct || self.check(offset, len as u64).is_err() {
+        if self.direct || self.check(offset, len as u64).is_err() {
             return None;
         }
         pipe::splice_cached(&self.file, offset, len)
@@ -541,7 +598,7 @@ impl Lun for FileLun {
                 return Ok(());
             }
             let file = self.file.clone();
-            let direct = self.opts.direct;
+            let direct = self.direct;
             let (mut offset, mut data) = (offset, data);
             if !direct && !fua && !InlineIo::is_entered() && self.nowait_writes.load(Relaxed) {
                 let done = match write_nowait(&file, &data, offset) {
@@ -566,7 +623,7 @@ impl Lun for FileLun {
                     .write_all_at(&data, offset)
                     .map_err(io_err("write", offset));
             }
-            let bounce = self.opts.direct && !is_aligned(&data);
+            let bounce = self.direct && !is_aligned(&data);
             let job = move || {
                 if bounce {
                     AlignedBuf::copy_of(&data)
@@ -788,7 +845,7 @@ mod tests {
         let lun = match FileLun::open(
             &path,
             FileLunOptions {
-                direct: true,
+                cache: CacheMode::Direct,
                 read_only: false,
             },
         ) {
@@ -809,6 +866,21 @@ mod tests {
         assert!(d[8192..].iter().all(|&b| b == 4));
     }
 
+    #[test]
+    fn auto_cache_mode_buffers_regular_files_and_bypasses_the_cache_of_block_devices() {
+        assert!(CacheMode::Auto.is_direct(true));
+        assert!(!CacheMode::Auto.is_direct(false));
+        assert!(CacheMode::Direct.is_direct(false));
+        assert!(!CacheMode::Buffered.is_direct(true));
+        assert_eq!(CacheMode::from_config(None), CacheMode::Auto);
+        assert_eq!(CacheMode::from_config(Some(true)), CacheMode::Direct);
+        assert_eq!(CacheMode::from_config(Some(false)), CacheMode::Buffered);
+        let (_dir, path) = make(1 << 16);
+        let lun = FileLun::open(&path, FileLunOptions::default()).unwrap();
+        assert_eq!(lun.describe(), format!("file:{}", path.display()));
+        assert_eq!(lun.alignment(), 512);
+    }
+
     #[tokio::test]
     async fn read_only_lun_refuses_writes_and_reads_file_contents() {
         let (_dir, path) = make(1 << 16);
@@ -816,7 +888,7 @@ mod tests {
         let lun = FileLun::open(
             &path,
             FileLunOptions {
-                direct: false,
+                cache: CacheMode::Buffered,
                 read_only: true,
             },
         )

@@ -21,7 +21,7 @@ pub mod open;
 pub mod pipe;
 
 pub use fault::{FaultError, FaultHandle, FaultLun, OpKind, OpSet};
-pub use file::{FileLun, FileLunOptions};
+pub use file::{CacheMode, FileLun, FileLunOptions};
 pub use mem::MemLun;
 pub use nbd::{NbdLun, NbdOptions};
 pub use open::{LunOpenOptions, open_lun};
