@@ -55,12 +55,14 @@ const ZERO_STEP: u64 = 1 << 20;
 ///
 /// A block device is a SAN LUN that other hosts write too, and each host's page cache of it
 /// is its own: a buffered read can answer from cached blocks that another host has since
-/// overwritten, and a partial-sector write then merges into them. So a block device bypasses
-/// the page cache unless told otherwise. A regular file is shared only by nodes on one host
-/// (the local cluster), which all see the one page cache of the file.
+/// overwritten, and a partial-sector write then merges into them. So a block device, and a
+/// file on a network file system (NFS, SMB, 9P), bypass the page cache unless told otherwise.
+/// Any other regular file is shared only by nodes on one host (the local cluster), which all
+/// see the one page cache of the file.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum CacheMode {
-    /// O_DIRECT for a block device, the page cache for a regular file.
+    /// O_DIRECT for a block device or a file on a network file system, the page cache for
+    /// a local file.
     #[default]
     Auto,
     /// Always O_DIRECT; requests must then be 4096-aligned.
@@ -79,14 +81,46 @@ impl CacheMode {
         }
     }
 
-    /// Whether a LUN opened with this mode uses O_DIRECT.
-    pub fn is_direct(self, block_device: bool) -> bool {
+    /// Whether a LUN opened with this mode uses O_DIRECT. `shared` says other hosts can
+    /// write the LUN: a block device, or a file on a network file system.
+    pub fn is_direct(self, shared: bool) -> bool {
         match self {
-            CacheMode::Auto => block_device,
+            CacheMode::Auto => shared,
             CacheMode::Direct => true,
             CacheMode::Buffered => false,
         }
     }
+}
+
+/// `statfs(2)` magic numbers of network file systems whose clients cache file data on their
+/// own host (NFS, SMB/CIFS, 9P): a LUN image on one of them is written by other hosts behind
+/// this host's page cache, as a shared block device is.
+const NETWORK_FS_MAGIC: [i64; 4] = [
+    0x6969,                // NFS
+    0xFF53_4D42u32 as i64, // CIFS
+    0xFE53_4D42u32 as i64, // SMB2
+    0x0102_1997,           // 9P
+];
+
+/// Whether `f_type` (from `statfs(2)`) is a network file system of [`NETWORK_FS_MAGIC`].
+fn is_network_fs(f_type: i64) -> bool {
+    // f_type is signed on some targets: compare the low 32 bits.
+    NETWORK_FS_MAGIC
+        .iter()
+        .any(|m| (m & 0xFFFF_FFFF) == (f_type & 0xFFFF_FFFF))
+}
+
+/// Whether the file system holding `path` is a network file system (false when unknown).
+fn on_network_fs(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: an all-zero `statfs` is a valid value of this plain C struct.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` a live struct for the call's duration.
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    rc == 0 && is_network_fs(st.f_type as i64)
 }
 
 /// How to open a [`FileLun`].
@@ -436,7 +470,8 @@ impl FileLun {
         let path = path.as_ref().to_path_buf();
         // Decided before opening (O_DIRECT is an open flag); the opened file is checked again.
         let block_device = std::fs::metadata(&path)?.file_type().is_block_device();
-        let direct = opts.cache.is_direct(block_device);
+        let shared = block_device || on_network_fs(&path);
+        let direct = opts.cache.is_direct(shared);
         let mut oo = OpenOptions::new();
         oo.read(true).write(!opts.read_only);
         if direct {
@@ -450,10 +485,11 @@ impl FileLun {
                 path.display()
             )));
         }
-        if block_device && !direct {
+        if shared && !direct {
             tracing::warn!(
                 path = %path.display(),
-                "block device LUN opened through the page cache (lun_direct = false): another \
+                "LUN that other hosts can write (a block device or a file on a network file \
+                 system) opened through the page cache (lun_direct = false): another \
                  host's writes may stay invisible to this node; only safe when every node runs \
                  on this host"
             );
@@ -875,6 +911,10 @@ mod tests {
         assert_eq!(CacheMode::from_config(None), CacheMode::Auto);
         assert_eq!(CacheMode::from_config(Some(true)), CacheMode::Direct);
         assert_eq!(CacheMode::from_config(Some(false)), CacheMode::Buffered);
+        assert!(is_network_fs(0x6969) && is_network_fs(0xFE53_4D42) && is_network_fs(0x0102_1997));
+        // statfs reports CIFS's magic sign-extended on some targets.
+        assert!(is_network_fs(0xFF53_4D42u32 as i32 as i64));
+        assert!(!is_network_fs(0xEF53) && !is_network_fs(0x0102_1994)); // ext4, tmpfs
         let (_dir, path) = make(1 << 16);
         let lun = FileLun::open(&path, FileLunOptions::default()).unwrap();
         assert_eq!(lun.describe(), format!("file:{}", path.display()));
