@@ -639,6 +639,9 @@ async fn wait_nodes_ready(
                 && leaders.iter().next().is_some_and(|l| l.is_some())
                 && with_session == n
                 && members >= n
+                // On every node: one still in the middle of the voter change (joint
+                // consensus) needs the old voters to elect anyone.
+                && answered.iter().all(|s| s.voters.len() == want_voters)
                 && voters == want_voters
                 && mounted == n
             {

@@ -1134,13 +1134,25 @@ impl MetaNode {
     pub fn status(&self) -> NodeStatus {
         let m = self.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
+        // While a voter change is in progress (joint consensus), an election needs a majority
+        // of every configuration in effect: only nodes in all of them are reported as voters,
+        // the ones being added or removed as learners.
+        let configs = membership.get_joint_config();
+        let voters: Vec<NodeId> = membership
+            .voter_ids()
+            .filter(|id| configs.iter().all(|c| c.contains(id)))
+            .collect();
         NodeStatus {
             id: self.cfg.node_id,
             leader: m.current_leader,
             term: m.current_term,
             last_applied: m.last_applied.map(|l| l.index),
-            voters: membership.voter_ids().collect(),
-            learners: membership.learner_ids().collect(),
+            learners: membership
+                .nodes()
+                .map(|(id, _)| *id)
+                .filter(|id| !voters.contains(id))
+                .collect(),
+            voters,
             members: membership
                 .nodes()
                 .map(|(id, n)| (*id, n.rpc_addr.clone()))

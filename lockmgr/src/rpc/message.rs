@@ -124,7 +124,11 @@ pub struct NodeStatus {
     pub leader: Option<NodeId>,
     pub term: u64,
     pub last_applied: Option<u64>,
+    /// Nodes that vote in every configuration in effect. During a voter change (joint
+    /// consensus) the nodes being added or removed are not among them: until the change
+    /// completes, an election still needs a majority of the old configuration.
     pub voters: Vec<NodeId>,
+    /// Every other member.
     pub learners: Vec<NodeId>,
     /// Members and their RPC addresses.
     pub members: Vec<(NodeId, String)>,
