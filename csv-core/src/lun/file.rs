@@ -12,6 +12,9 @@
 //!
 //! Invariants:
 //! - the size is fixed at open (file length, or the device size found by seeking to its end);
+//! - a LUN other hosts can write (a block device, a file on NFS/SMB/9P) is opened with O_DIRECT
+//!   unless the caller asks for [`CacheMode::Buffered`]: no host's page cache may answer a
+//!   read with blocks another host has overwritten;
 //! - with `direct` (O_DIRECT) the alignment is 4096 and every buffer handed to the kernel is
 //!   4096-aligned: reads land in a fresh aligned buffer that becomes the returned `Bytes`
 //!   (no copy), writes of aligned `Bytes` (see [`copy_aligned`]) go to the kernel as they
