@@ -642,7 +642,6 @@ async fn wait_nodes_ready(
                 // On every node: one still in the middle of the voter change (joint
                 // consensus) needs the old voters to elect anyone.
                 && answered.iter().all(|s| s.voters.len() == want_voters)
-                && voters == want_voters
                 && mounted == n
             {
                 return Ok(());

@@ -38,8 +38,9 @@ pub struct NodeConfig {
     /// (`nbd://host:port/export`, `nbd+unix:///export?socket=/path`).
     pub lun: String,
     /// Open a file or block device LUN with O_DIRECT (`true`) or through the page cache
-    /// (`false`). Unset: O_DIRECT for a block device (other hosts write it, and this host's
-    /// page cache would not see their writes), the page cache for a regular file.
+    /// (`false`). Unset: O_DIRECT for a block device or a file on NFS, SMB or 9P (other hosts
+    /// write it, and this host's page cache would not see their writes), the page cache for a
+    /// local file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lun_direct: Option<bool>,
     /// Where the volume is mounted through FUSE; empty to not mount.

@@ -6,13 +6,9 @@ mod common;
 
 use std::path::Path;
 
-use common::{TestCluster, mnt, run};
+use common::{TestCluster, mnt, run, uri};
 
 /// `nbd://HOST:PORT/NAME` of node `k`.
-fn uri(c: &TestCluster, k: u64, name: &str) -> String {
-    format!("nbd://{}/{name}", c.file.node(k).unwrap().nbd)
-}
-
 fn sized_file(path: &Path, size: u64) {
     std::fs::File::create(path).unwrap().set_len(size).unwrap();
 }

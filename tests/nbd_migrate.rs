@@ -8,14 +8,10 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{TestCluster, mnt, run};
+use common::{TestCluster, mnt, run, uri};
 use csvd::exports::{ExportRow, Migrated};
 
 const WRITER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/nbd_acked_writes.py");
-
-fn uri(c: &TestCluster, k: u64, name: &str) -> String {
-    format!("nbd://{}/{name}", c.file.node(k).unwrap().nbd)
-}
 
 /// Creates a sparse disk image of `len` bytes through node 1's mount; returns its inode.
 fn disk(c: &TestCluster, name: &str, len: u64) -> u64 {

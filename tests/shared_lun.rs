@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{TestCluster, mnt, run, wait_mounted, wait_until};
+use common::{TestCluster, mnt, run, uri, wait_mounted, wait_until};
 
 /// A loop device over a file, detached when dropped.
 struct LoopDev(String);
@@ -29,10 +29,6 @@ impl Drop for LoopDev {
         // A device still open is detached when it is closed (autoclear).
         let _ = Command::new("losetup").args(["-d", &self.0]).status();
     }
-}
-
-fn uri(c: &TestCluster, k: u64, name: &str) -> String {
-    format!("nbd://{}/{name}", c.file.node(k).unwrap().nbd)
 }
 
 /// Stops node `k` (SIGTERM: it unmounts and flushes) and waits until it is gone.

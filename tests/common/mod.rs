@@ -224,6 +224,11 @@ pub fn mnt(c: &TestCluster, k: u64) -> PathBuf {
     c.file.node(k).unwrap().mount.clone()
 }
 
+/// The NBD URI of export `name` on node `k`.
+pub fn uri(c: &TestCluster, k: u64, name: &str) -> String {
+    format!("nbd://{}/{name}", c.file.node(k).unwrap().nbd)
+}
+
 /// Waits until node `k`'s volume is mounted (after a restart).
 pub fn wait_mounted(c: &TestCluster, k: u64, timeout: Duration) {
     let m = mnt(c, k);

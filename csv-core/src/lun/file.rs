@@ -31,7 +31,7 @@ use std::io;
 use std::io::{Seek, SeekFrom};
 use std::marker::PhantomData;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::Arc;
@@ -113,17 +113,26 @@ fn is_network_fs(f_type: i64) -> bool {
         .any(|m| (m & 0xFFFF_FFFF) == (f_type & 0xFFFF_FFFF))
 }
 
-/// Whether the file system holding `path` is a network file system (false when unknown).
-fn on_network_fs(path: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
-        return false;
-    };
+/// Whether the file system holding `file` is a network file system (false when unknown).
+fn on_network_fs(file: &File) -> bool {
     // SAFETY: an all-zero `statfs` is a valid value of this plain C struct.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a NUL-terminated path and `st` a live struct for the call's duration.
-    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    // SAFETY: the fd is owned by `file` and `st` is a live struct for the call's duration.
+    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) };
     rc == 0 && is_network_fs(st.f_type as i64)
+}
+
+/// Turns on O_DIRECT for an open file (Linux accepts it through `F_SETFL`); fails where the
+/// file system cannot do direct I/O (tmpfs: `EINVAL`), as an open with the flag would.
+fn set_direct(file: &File) -> io::Result<()> {
+    let fd = file.as_raw_fd();
+    // SAFETY: F_GETFL and F_SETFL on a descriptor owned by `file` touch nothing else.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_DIRECT) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// How to open a [`FileLun`].
@@ -471,22 +480,16 @@ impl FileLun {
     /// Opens `path` (a regular file or a block device) as a LUN.
     pub fn open(path: impl AsRef<Path>, opts: FileLunOptions) -> io::Result<FileLun> {
         let path = path.as_ref().to_path_buf();
-        // Decided before opening (O_DIRECT is an open flag); the opened file is checked again.
-        let block_device = std::fs::metadata(&path)?.file_type().is_block_device();
-        let shared = block_device || on_network_fs(&path);
-        let direct = opts.cache.is_direct(shared);
-        let mut oo = OpenOptions::new();
-        oo.read(true).write(!opts.read_only);
-        if direct {
-            oo.custom_flags(libc::O_DIRECT);
-        }
-        let file = oo.open(&path)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!opts.read_only)
+            .open(&path)?;
         let meta = file.metadata()?;
-        if meta.file_type().is_block_device() != block_device {
-            return Err(io::Error::other(format!(
-                "{} changed between stat and open",
-                path.display()
-            )));
+        let block_device = meta.file_type().is_block_device();
+        let shared = block_device || on_network_fs(&file);
+        let direct = opts.cache.is_direct(shared);
+        if direct {
+            set_direct(&file)?;
         }
         if shared && !direct {
             tracing::warn!(
