@@ -12,11 +12,31 @@
 # load that comes and goes on the machine hits every target alike. Every target starts from a
 # fresh sparse file (or fresh VHD), and the first sequential write lays it out. Prints a
 # markdown table of medians with ratios; docs/benchmarks.md records runs.
-#   SIZE (default 512M), RUNTIME seconds per point (default 5), ROUNDS (default 3)
+# Run as root, everything runs in a network namespace of its own whose TCP congestion control
+# is BENCH_CC (default cubic, the kernel's and Debian's default), whatever the host uses:
+# a host set to bbr paces every loopback connection, and the reordering that pacing causes
+# made consecutive identical sequential runs differ by up to 2x (docs/benchmarks.md, "TCP
+# congestion control on loopback"). BENCH_CC=host keeps the host's network and setting.
+#   SIZE (default 512M), RUNTIME seconds per point (default 5), ROUNDS (default 3), BENCH_CC
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v fio nbdkit qemu-nbd qemu-img >/dev/null || ./scripts/install-deps.sh
 cargo build --release --bins --quiet
+cc="${BENCH_CC:-cubic}"
+if [ "$cc" != host ] && [ -z "${CSVD_BENCH_NETNS:-}" ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "not root: running in the host's network (as BENCH_CC=host)" >&2
+  else
+    ns=csvd-bench-$$
+    ip netns add "$ns"
+    trap 'ip netns del "$ns" 2>/dev/null || true' EXIT
+    ip -n "$ns" link set lo up
+    ip netns exec "$ns" sysctl -qw "net.ipv4.tcp_congestion_control=$cc"
+    rc=0
+    CSVD_BENCH_NETNS=$ns ip netns exec "$ns" "$0" "$@" || rc=$?
+    exit $rc
+  fi
+fi
 bin=$PWD/target/release
 size="${SIZE:-512M}"; runtime="${RUNTIME:-5}"; rounds="${ROUNDS:-3}"
 work=$(mktemp -d /tmp/csvd-bench-nbd.XXXXXX)
@@ -116,7 +136,8 @@ done
 
 median() { /usr/bin/python3 -c 'import sys, statistics; v=statistics.median(map(float, sys.argv[1:])); print(f"{v:.1f}" if v < 1000 else f"{v:.0f}")' "$@"; }
 ratio() { /usr/bin/python3 -c 'import sys; a=float(sys.argv[1]); b=max(map(float, sys.argv[2:])); print(f"{a/b:.2f}")' "$@"; }
-echo "# $(date -u +%FT%TZ) $(nproc) cores, SIZE=$size RUNTIME=${runtime}s ROUNDS=$rounds, fio $(fio --version), release build"
+where="host network"; [ -n "${CSVD_BENCH_NETNS:-}" ] && where="own network namespace"
+echo "# $(date -u +%FT%TZ) $(nproc) cores, SIZE=$size RUNTIME=${runtime}s ROUNDS=$rounds, fio $(fio --version), release build, TCP $(sysctl -n net.ipv4.tcp_congestion_control) ($where)"
 echo
 echo "Medians of $rounds interleaved rounds (each round's values in the last table)."
 echo
