@@ -20,8 +20,11 @@
 #   SIZE (default 512M), RUNTIME seconds per point (default 5), ROUNDS (default 3), BENCH_CC
 set -euo pipefail
 cd "$(dirname "$0")/.."
-command -v fio nbdkit qemu-nbd qemu-img >/dev/null || ./scripts/install-deps.sh
-cargo build --release --bins --quiet
+# Installed and built once, before entering the namespace (which has no network).
+if [ -z "${CSVD_BENCH_NETNS:-}" ]; then
+  command -v fio nbdkit qemu-nbd qemu-img >/dev/null || ./scripts/install-deps.sh
+  cargo build --release --bins --quiet
+fi
 cc="${BENCH_CC:-cubic}"
 if [ "$cc" != host ] && [ -z "${CSVD_BENCH_NETNS:-}" ]; then
   if [ "$(id -u)" != 0 ]; then
@@ -87,12 +90,11 @@ declare -A URI R C PID
 
 # csvd: one node, the LUN a file on the same filesystem as the plain files.
 "$bin/csvctl" cluster up --dir "$work/c" --nodes 1 --lun-size 4G --detach >/dev/null
-nbd=$(/usr/bin/python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["nodes"][0]["nbd"])' "$work/c/cluster.json")
+read -r nbd PID[csvd] < <(/usr/bin/python3 -c 'import json,sys; n=json.load(open(sys.argv[1]))["nodes"][0]; print(n["nbd"], n["pid"])' "$work/c/cluster.json")
 mnt="$work/c/node1/mnt"
 truncate -s "$size" "$mnt/bench.img"
 qemu-img create -q -f vpc -o subformat=dynamic "$mnt/bench.vhd" "$size"
 URI[csvd]="nbd://$nbd/bench.img"; URI[csvdvhd]="nbd://$nbd/bench.vhd"
-PID[csvd]=$(/usr/bin/python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["nodes"][0]["pid"])' "$work/c/cluster.json")
 PID[csvdvhd]=${PID[csvd]}
 
 # nbdkit file plugin.

@@ -462,13 +462,8 @@ async fn sigterm_releases_locks_at_once_and_hands_over_the_voter_seat() {
     let learner = st.nodes.iter().find(|n| n.role == "learner").unwrap().id;
     let leaving = st.nodes.iter().find(|n| n.role == "voter").unwrap().id;
     c.acquire(leaving, "released-on-exit").await.unwrap();
-    let pid = c.pid(leaving);
     let t = Instant::now();
-    c.signal(leaving, libc::SIGTERM);
-    common::wait_until(Duration::from_secs(15), "graceful exit", || {
-        c.children.reap();
-        !cluster::pid_alive(pid)
-    });
+    c.stop(leaving, libc::SIGTERM, Duration::from_secs(15));
     eprintln!("node {leaving} stopped gracefully in {:?}", t.elapsed());
     // Its lock is free right away, not one 20 s TTL later.
     assert_eq!(lock_holder(&c, "released-on-exit").await, None);

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{TestCluster, mnt, run, uri, wait_mounted, wait_until};
+use common::{TestCluster, mnt, run, uri, wait_mounted};
 
 /// A loop device over a file, detached when dropped.
 struct LoopDev(String);
@@ -33,12 +33,7 @@ impl Drop for LoopDev {
 
 /// Stops node `k` (SIGTERM: it unmounts and flushes) and waits until it is gone.
 fn stop(c: &mut TestCluster, k: u64) {
-    let pid = c.pid(k);
-    c.signal(k, libc::SIGTERM);
-    wait_until(Duration::from_secs(30), "the node to stop", || {
-        c.children.reap();
-        !csvd::cluster::pid_alive(pid)
-    });
+    c.stop(k, libc::SIGTERM, Duration::from_secs(30));
     csvd::cluster::unmount_if_mounted(&mnt(c, k));
 }
 

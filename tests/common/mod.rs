@@ -77,9 +77,14 @@ impl TestCluster {
 
     /// kill -9 and wait until the process is gone.
     pub fn kill9(&mut self, node: u64) {
+        self.stop(node, libc::SIGKILL, Duration::from_secs(10));
+    }
+
+    /// Sends `sig` to the node and waits up to `timeout` until its process is gone.
+    pub fn stop(&mut self, node: u64, sig: i32, timeout: Duration) {
         let pid = self.pid(node);
-        cluster::signal(pid, libc::SIGKILL);
-        wait_until(Duration::from_secs(10), "process to die", || {
+        cluster::signal(pid, sig);
+        wait_until(timeout, "process to exit", || {
             self.children.reap();
             !cluster::pid_alive(pid)
         });
