@@ -157,6 +157,22 @@ for p in $patterns; do
   echo "| $p | $unit | ${M[csvd,$p]} | ${M[nbdkit,$p]} | ${M[qemuraw,$p]} | $(ratio ${M[csvd,$p]} ${M[nbdkit,$p]} ${M[qemuraw,$p]}) | ${M[null,$p]} | $ceil | ${M[csvdvhd,$p]} | ${M[qemuvpc,$p]} | $(ratio ${M[csvdvhd,$p]} ${M[qemuvpc,$p]}) |"
 done
 echo
+# Within a round the targets run one right after the other, so a ratio taken round by round
+# is less exposed to the machine's drift than the ratio of medians.
+paired() { /usr/bin/python3 -c '
+import sys, statistics
+a = [float(x) for x in sys.argv[1].split()]
+peers = [[float(x) for x in s.split()] for s in sys.argv[2:]]
+r = sorted(v / max(p[i] for p in peers) for i, v in enumerate(a))
+print(f"{r[0]:.2f}–{r[-1]:.2f} (median {statistics.median(r):.2f}, {sum(x >= 1 for x in r)} of {len(r)} rounds ≥ 1)")' "$@"; }
+echo "csvd raw / the better of nbdkit and qemu-nbd, round by round:"
+echo
+echo "| pattern | paired ratios |"
+echo "|---|---|"
+for p in $patterns; do
+  echo "| $p | $(paired "${R[csvd,$p]}" "${R[nbdkit,$p]}" "${R[qemuraw,$p]}") |"
+done
+echo
 echo "Server CPU during each point, percent of one core (medians; fio uses the rest of the 2 cores):"
 echo
 echo "| pattern | csvd raw | nbdkit file | qemu-nbd raw | nbdkit null | csvd VHD | qemu-nbd -f vpc |"
