@@ -344,16 +344,9 @@ async fn a_node_with_the_wrong_lun_is_refused() {
     .unwrap();
     let nd = c.path().join("intruder");
     std::fs::create_dir_all(&nd).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let nport = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let mut taken = std::collections::HashSet::new();
+    let port = csvd::cluster::free_port(&mut taken).unwrap();
+    let nport = csvd::cluster::free_port(&mut taken).unwrap();
     let cfg = format!(
         "node_id = 9\ndata_dir = \"{}\"\nlun = \"{}\"\nsecret_file = \"{}\"\npeers = [\"{}\"]\n[listen]\nrpc = \"127.0.0.1:{port}\"\nnbd = \"127.0.0.1:{nport}\"\n",
         nd.join("data").display(),
