@@ -187,39 +187,9 @@ pub fn node_dir(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("node{id}"))
 }
 
-/// Lowest port [`free_port`] hands out.
-const FIRST_PORT: u16 = 10_000;
-
-/// A free TCP port on 127.0.0.1 for a node to listen on, not in `taken`.
-///
-/// The node binds it later, so the port must stay free meanwhile. A port from the kernel's
-/// ephemeral range (what binding port 0 returns) does not: every outgoing connection (a peer's
-/// RPC client, an NBD client, a SAN path) takes one from that range, and one did take a node's
-/// NBD port between `cluster up` choosing it and the node binding it. So the port is chosen
-/// below the ephemeral range, at random (clusters started at the same moment, as parallel tests
-/// do, rarely pick the same one), and checked free by binding it. Where the range leaves no room
-/// below it, the kernel's choice is the fallback.
-pub fn free_port(taken: &mut std::collections::HashSet<u16>) -> anyhow::Result<u16> {
-    let below = ephemeral_start().unwrap_or(32_768);
-    if below > FIRST_PORT + 1_000 {
-        for _ in 0..1_000 {
-            let p = rand::random_range(FIRST_PORT..below);
-            if !taken.contains(&p) && std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
-                taken.insert(p);
-                return Ok(p);
-            }
-        }
-    }
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?;
-    let p = l.local_addr()?.port();
-    taken.insert(p);
-    Ok(p)
-}
-
-/// First port of the kernel's ephemeral range (`net.ipv4.ip_local_port_range`).
-fn ephemeral_start() -> Option<u16> {
-    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
-    range.split_whitespace().next()?.parse().ok()
+/// A free port for a node (see [`csv_core::ports`] for why not the kernel's port-0 choice).
+fn free_port(taken: &mut std::collections::HashSet<u16>) -> anyhow::Result<u16> {
+    csv_core::ports::free_port(taken).context("cannot find a free port")
 }
 
 /// True if `pid` is a live (not zombie) process.
@@ -796,33 +766,5 @@ pub fn unmount_if_mounted(path: &Path) {
         .unwrap_or(false);
     if !ok {
         let _ = Command::new("umount").arg("-l").arg(path).status();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn node_ports_are_distinct_free_and_below_the_ephemeral_range() {
-        let below = ephemeral_start().unwrap_or(32_768);
-        assert!(
-            below > FIRST_PORT + 1_000,
-            "this machine's ephemeral range starts at {below}"
-        );
-        let mut taken = std::collections::HashSet::new();
-        let ports: Vec<u16> = (0..32).map(|_| free_port(&mut taken).unwrap()).collect();
-        assert_eq!(
-            taken.len(),
-            ports.len(),
-            "a port was handed out twice: {ports:?}"
-        );
-        for p in ports {
-            assert!(
-                (FIRST_PORT..below).contains(&p),
-                "{p} outside {FIRST_PORT}..{below}"
-            );
-            std::net::TcpListener::bind(("127.0.0.1", p)).unwrap();
-        }
     }
 }

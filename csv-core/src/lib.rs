@@ -6,6 +6,7 @@
 pub mod lun;
 pub mod meta;
 pub mod op;
+pub mod ports;
 pub mod superblock;
 pub mod volume;
 

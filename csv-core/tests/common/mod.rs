@@ -4,7 +4,6 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 use std::io::{Read, Write};
-use std::net::TcpListener;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -37,13 +36,9 @@ impl Target {
         t
     }
 
-    /// The same on 127.0.0.1 with a free port (found by binding port 0, then released).
+    /// The same on 127.0.0.1 with a free port ([`csv_core::ports::free_port`]).
     pub fn nbdkit_tcp(image: &Path, opts: &[&str]) -> Target {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = csv_core::ports::free_port(&mut Default::default()).unwrap();
         let mut cmd = Command::new("nbdkit");
         cmd.args([
             "-i",

@@ -1,0 +1,67 @@
+//! [`free_port`]: a TCP port on 127.0.0.1 for a server that will bind it a moment later.
+//!
+//! A port from the kernel's ephemeral range (what binding port 0 returns) does not stay free
+//! until then: every outgoing connection (a peer's RPC client, an NBD client, a SAN path) takes
+//! one from that range, and one did take a node's NBD port between `cluster up` choosing it and
+//! the node binding it ("Address already in use"). So ports are chosen below the ephemeral range,
+//! at random (clusters and test servers started at the same moment rarely pick the same one),
+//! and checked free by binding them. Where the range leaves no room below it, the kernel's
+//! choice is the fallback.
+
+use std::collections::HashSet;
+use std::io;
+use std::net::TcpListener;
+
+/// Lowest port [`free_port`] hands out.
+pub const FIRST_PORT: u16 = 10_000;
+
+/// A port on 127.0.0.1 that was free a moment ago and is not in `taken` (it is added there).
+pub fn free_port(taken: &mut HashSet<u16>) -> io::Result<u16> {
+    let below = ephemeral_start().unwrap_or(32_768);
+    if below > FIRST_PORT + 1_000 {
+        for _ in 0..1_000 {
+            let p = rand::random_range(FIRST_PORT..below);
+            if !taken.contains(&p) && TcpListener::bind(("127.0.0.1", p)).is_ok() {
+                taken.insert(p);
+                return Ok(p);
+            }
+        }
+    }
+    let p = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    taken.insert(p);
+    Ok(p)
+}
+
+/// First port of the kernel's ephemeral range (`net.ipv4.ip_local_port_range`).
+pub fn ephemeral_start() -> Option<u16> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    range.split_whitespace().next()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_are_distinct_free_and_below_the_ephemeral_range() {
+        let below = ephemeral_start().unwrap_or(32_768);
+        assert!(
+            below > FIRST_PORT + 1_000,
+            "this machine's ephemeral range starts at {below}"
+        );
+        let mut taken = HashSet::new();
+        let ports: Vec<u16> = (0..32).map(|_| free_port(&mut taken).unwrap()).collect();
+        assert_eq!(
+            taken.len(),
+            ports.len(),
+            "a port was handed out twice: {ports:?}"
+        );
+        for p in ports {
+            assert!(
+                (FIRST_PORT..below).contains(&p),
+                "{p} outside {FIRST_PORT}..{below}"
+            );
+            TcpListener::bind(("127.0.0.1", p)).unwrap();
+        }
+    }
+}
