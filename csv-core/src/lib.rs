@@ -1,7 +1,8 @@
 //! csv-core: the bottom of csvd. Types, the [`lun::Lun`] trait and its backends,
 //! the on-LUN superblock, and the metadata model shared by the metadata service
 //! and the protocol frontends. It knows nothing of Raft or FUSE; its only network code
-//! is the NBD *client* in [`lun::nbd`] that reaches the LUN over a SAN path (tokio only).
+//! is the NBD *client* in [`lun::nbd`] that reaches the LUN over a SAN path (tokio only),
+//! and [`ports`], which chooses listening ports for servers started a moment later.
 
 pub mod lun;
 pub mod meta;
