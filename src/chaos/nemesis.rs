@@ -356,25 +356,27 @@ impl MigrateNemesis {
         let client = cluster.client()?;
         let nodes = cluster.node_ids();
         let t0 = Instant::now();
-        let rows = crate::exports::list(&client, &nodes)
-            .await
-            .map_err(|e| NemesisError::Cluster(e.into()))?;
+        // Right after a fault (a writer's node killed, say) the workload's clients may still be
+        // reconnecting: wait for one that writes, as other faults wait for ready nodes.
+        let rows = loop {
+            let rows = crate::exports::list(&client, &nodes)
+                .await
+                .map_err(|e| NemesisError::Cluster(e.into()))?;
+            if rows.iter().any(|r| writer_of(r).is_some()) {
+                break rows;
+            }
+            if t0.elapsed() >= WRITER_WAIT {
+                return Err(unsupported(format!(
+                    "no export of the nbd workload has had a writer for {:.0}s",
+                    WRITER_WAIT.as_secs_f64()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
         let writing: Vec<_> = rows
             .iter()
-            .filter(|r| r.name.starts_with(super::workload::nbd::EXPORT_DIR_PREFIX))
-            .filter_map(|r| {
-                let owner = r.owner_node?;
-                r.clients
-                    .iter()
-                    .any(|c| c.owner && c.node == owner)
-                    .then_some((r, owner))
-            })
+            .filter_map(|r| writer_of(r).map(|owner| (r, owner)))
             .collect();
-        if writing.is_empty() {
-            return Err(unsupported(
-                "no export of the nbd workload has a writer".into(),
-            ));
-        }
         // Deterministic in the schedule: the fault's start picks the export.
         let pick = SplitMix64::new(fault.at_s.to_bits()).below(writing.len() as u64);
         let (row, owner) = writing[pick as usize];
@@ -416,6 +418,25 @@ impl MigrateNemesis {
             stall_s: Some(m.handoff_ms / 1e3),
         })
     }
+}
+
+/// How long the migrate nemesis waits for an export of the nbd workload with a writer.
+const WRITER_WAIT: Duration = Duration::from_secs(10);
+
+/// The owner node of `row`, if it is an export of the nbd workload with a writing client on
+/// that node.
+fn writer_of(row: &crate::exports::ExportRow) -> Option<u64> {
+    if !row
+        .name
+        .starts_with(super::workload::nbd::EXPORT_DIR_PREFIX)
+    {
+        return None;
+    }
+    let owner = row.owner_node?;
+    row.clients
+        .iter()
+        .any(|c| c.owner && c.node == owner)
+        .then_some(owner)
 }
 
 impl Nemesis for MigrateNemesis {
