@@ -7,22 +7,37 @@
 //! at random (clusters and test servers started at the same moment rarely pick the same one),
 //! and checked free by binding them. Where the range leaves no room below it, the kernel's
 //! choice is the fallback.
+//!
+//! A process never hands out one port twice: parallel tests bring clusters up in one process,
+//! and a port chosen for one cluster's node stays that node's while the node is down for a
+//! restart, when binding it would succeed.
 
 use std::collections::HashSet;
 use std::io;
 use std::net::TcpListener;
+use std::sync::{Mutex, PoisonError};
 
 /// Lowest port [`free_port`] hands out.
 pub const FIRST_PORT: u16 = 10_000;
 
-/// A port on 127.0.0.1 that was free a moment ago and is not in `taken` (it is added there).
+/// Every port this process handed out.
+static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+
+/// A port on 127.0.0.1 that was free a moment ago, is not in `taken` (it is added there) and
+/// was never handed out by this process before.
 pub fn free_port(taken: &mut HashSet<u16>) -> io::Result<u16> {
     let below = ephemeral_start().unwrap_or(32_768);
     if below > FIRST_PORT + 1_000 {
+        let mut guard = HANDED_OUT.lock().unwrap_or_else(PoisonError::into_inner);
+        let handed_out = guard.get_or_insert_with(HashSet::new);
         for _ in 0..1_000 {
             let p = rand::random_range(FIRST_PORT..below);
-            if !taken.contains(&p) && TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            if !taken.contains(&p)
+                && !handed_out.contains(&p)
+                && TcpListener::bind(("127.0.0.1", p)).is_ok()
+            {
                 taken.insert(p);
+                handed_out.insert(p);
                 return Ok(p);
             }
         }
@@ -43,7 +58,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ports_are_distinct_free_and_below_the_ephemeral_range() {
+    fn ports_are_distinct_free_below_the_ephemeral_range_and_never_handed_out_twice() {
         let below = ephemeral_start().unwrap_or(32_768);
         assert!(
             below > FIRST_PORT + 1_000,
@@ -55,6 +70,13 @@ mod tests {
             taken.len(),
             ports.len(),
             "a port was handed out twice: {ports:?}"
+        );
+        // Another caller (a second cluster in this process) never gets one of them.
+        let mut other = HashSet::new();
+        let more: Vec<u16> = (0..32).map(|_| free_port(&mut other).unwrap()).collect();
+        assert!(
+            more.iter().all(|p| !taken.contains(p)),
+            "{more:?} reuses {ports:?}"
         );
         for p in ports {
             assert!(
