@@ -188,8 +188,8 @@ pub fn node_dir(dir: &Path, id: u64) -> PathBuf {
 }
 
 /// A free port for a node (see [`csv_core::ports`] for why not the kernel's port-0 choice).
-fn free_port(taken: &mut std::collections::HashSet<u16>) -> anyhow::Result<u16> {
-    csv_core::ports::free_port(taken).context("cannot find a free port")
+fn free_port() -> anyhow::Result<u16> {
+    csv_core::ports::free_port().context("cannot find a free port")
 }
 
 /// True if `pid` is a live (not zombie) process.
@@ -292,7 +292,6 @@ pub async fn up(opts: &UpOptions, children: &mut Children) -> anyhow::Result<Clu
     }
     cluster.save(&dir)?;
     let mut seed = String::new();
-    let mut ports = std::collections::HashSet::new();
     for id in 1..=opts.nodes as u64 {
         let nd = node_dir(&dir, id);
         std::fs::create_dir_all(nd.join("mnt"))?;
@@ -303,8 +302,8 @@ pub async fn up(opts: &UpOptions, children: &mut Children) -> anyhow::Result<Clu
                 format!("{}:{}", n.node_ip(id), crate::netns::NBD_PORT),
             ),
             None => (
-                format!("127.0.0.1:{}", free_port(&mut ports)?),
-                format!("127.0.0.1:{}", free_port(&mut ports)?),
+                format!("127.0.0.1:{}", free_port()?),
+                format!("127.0.0.1:{}", free_port()?),
             ),
         };
         let cfg = NodeConfig {

@@ -344,9 +344,8 @@ async fn a_node_with_the_wrong_lun_is_refused() {
     .unwrap();
     let nd = c.path().join("intruder");
     std::fs::create_dir_all(&nd).unwrap();
-    let mut taken = std::collections::HashSet::new();
-    let port = csv_core::ports::free_port(&mut taken).unwrap();
-    let nport = csv_core::ports::free_port(&mut taken).unwrap();
+    let port = csv_core::ports::free_port().unwrap();
+    let nport = csv_core::ports::free_port().unwrap();
     let cfg = format!(
         "node_id = 9\ndata_dir = \"{}\"\nlun = \"{}\"\nsecret_file = \"{}\"\npeers = [\"{}\"]\n[listen]\nrpc = \"127.0.0.1:{port}\"\nnbd = \"127.0.0.1:{nport}\"\n",
         nd.join("data").display(),

@@ -12,7 +12,7 @@
 //! and a port chosen for one cluster's node stays that node's while the node is down for a
 //! restart, when binding it would succeed.
 
-use std::collections::HashSet;
+use std::collections::BTreeSet;
 use std::io;
 use std::net::TcpListener;
 use std::sync::{Mutex, PoisonError};
@@ -21,29 +21,24 @@ use std::sync::{Mutex, PoisonError};
 pub const FIRST_PORT: u16 = 10_000;
 
 /// Every port this process handed out.
-static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
 
-/// A port on 127.0.0.1 that was free a moment ago, is not in `taken` (it is added there) and
-/// was never handed out by this process before.
-pub fn free_port(taken: &mut HashSet<u16>) -> io::Result<u16> {
+/// A port on 127.0.0.1 that was free a moment ago and that this process never handed out
+/// before.
+pub fn free_port() -> io::Result<u16> {
     let below = ephemeral_start().unwrap_or(32_768);
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(PoisonError::into_inner);
     if below > FIRST_PORT + 1_000 {
-        let mut guard = HANDED_OUT.lock().unwrap_or_else(PoisonError::into_inner);
-        let handed_out = guard.get_or_insert_with(HashSet::new);
         for _ in 0..1_000 {
             let p = rand::random_range(FIRST_PORT..below);
-            if !taken.contains(&p)
-                && !handed_out.contains(&p)
-                && TcpListener::bind(("127.0.0.1", p)).is_ok()
-            {
-                taken.insert(p);
+            if !handed_out.contains(&p) && TcpListener::bind(("127.0.0.1", p)).is_ok() {
                 handed_out.insert(p);
                 return Ok(p);
             }
         }
     }
     let p = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    taken.insert(p);
+    handed_out.insert(p);
     Ok(p)
 }
 
@@ -64,16 +59,15 @@ mod tests {
             below > FIRST_PORT + 1_000,
             "this machine's ephemeral range starts at {below}"
         );
-        let mut taken = HashSet::new();
-        let ports: Vec<u16> = (0..32).map(|_| free_port(&mut taken).unwrap()).collect();
+        let ports: Vec<u16> = (0..32).map(|_| free_port().unwrap()).collect();
+        let taken: BTreeSet<u16> = ports.iter().copied().collect();
         assert_eq!(
             taken.len(),
             ports.len(),
             "a port was handed out twice: {ports:?}"
         );
         // Another caller (a second cluster in this process) never gets one of them.
-        let mut other = HashSet::new();
-        let more: Vec<u16> = (0..32).map(|_| free_port(&mut other).unwrap()).collect();
+        let more: Vec<u16> = (0..32).map(|_| free_port().unwrap()).collect();
         assert!(
             more.iter().all(|p| !taken.contains(p)),
             "{more:?} reuses {ports:?}"

@@ -38,7 +38,7 @@ impl Target {
 
     /// The same on 127.0.0.1 with a free port ([`csv_core::ports::free_port`]).
     pub fn nbdkit_tcp(image: &Path, opts: &[&str]) -> Target {
-        let port = csv_core::ports::free_port(&mut Default::default()).unwrap();
+        let port = csv_core::ports::free_port().unwrap();
         let mut cmd = Command::new("nbdkit");
         cmd.args([
             "-i",
