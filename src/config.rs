@@ -182,8 +182,9 @@ impl Default for RedirectorSection {
 }
 
 impl RedirectorSection {
-    /// The redirector's settings (checked by [`NodeConfig::validate`]).
-    pub fn to_redirector(&self) -> redirector::RedirectorConfig {
+    /// The redirector's settings (checked by [`NodeConfig::validate`]). A dead peer's lost
+    /// writes are given `session_ttl_ms` to land (see `docs/fencing.md` §4).
+    pub fn to_redirector(&self, session_ttl_ms: u64) -> redirector::RedirectorConfig {
         redirector::RedirectorConfig {
             policy: redirector::policy::PolicyConfig {
                 error_threshold: self.error_threshold,
@@ -199,7 +200,7 @@ impl RedirectorSection {
             },
             ghost_budget_bytes: usize::try_from(self.ghost_budget_mib.saturating_mul(1 << 20))
                 .unwrap_or(usize::MAX),
-            lost_grace_ms: self.io_timeout_ms,
+            dead_peer_drain_ms: session_ttl_ms,
         }
     }
 }
@@ -276,7 +277,7 @@ impl NodeConfig {
         }
         let rd = &self.redirector;
         if let Err(redirector::policy::PolicyError::InvalidConfig { field, why }) =
-            rd.to_redirector().policy.validate()
+            rd.to_redirector(self.session.ttl_ms).policy.validate()
         {
             return bad("redirector", format!("{field} {why}"));
         }
@@ -339,8 +340,9 @@ bootstrap = true
     fn redirector_section_has_defaults_and_is_validated() {
         let cfg: NodeConfig = toml::from_str(minimal()).unwrap();
         assert_eq!(cfg.redirector.io_timeout_ms, 1_000);
-        let rc = cfg.redirector.to_redirector();
+        let rc = cfg.redirector.to_redirector(cfg.session.ttl_ms);
         assert_eq!(rc.policy.pause_bound_ms, 25_000);
+        assert_eq!(rc.dead_peer_drain_ms, 10_000);
         assert_eq!(rc.ghost_budget_bytes, 256 << 20);
         let text = format!("{}\n[redirector]\nio_timeout_ms = 0\n", minimal());
         let cfg: NodeConfig = toml::from_str(&text).unwrap();

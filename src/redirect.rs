@@ -18,7 +18,7 @@ use std::time::Duration;
 use anyhow::Context;
 use bytes::Bytes;
 use csv_core::lun::{IoFence, Lun};
-use csv_core::meta::{FencingToken, NodeId, PathState};
+use csv_core::meta::{FencingToken, NodeId, PathState, SessionId};
 use lockmgr::node::{MetaNode, NodeError};
 use lockmgr::rpc::RpcError;
 use lockmgr::state::VolumeState;
@@ -75,6 +75,14 @@ impl PeerTransport for MetaTransport {
             }
         })
     }
+
+    fn incarnation(&self, node: NodeId) -> Option<SessionId> {
+        if node == self.node.id() {
+            return self.node.live_session();
+        }
+        self.node
+            .read_local(|s| s.node(node).and_then(|n| n.session))
+    }
 }
 
 /// Fencing tokens checked against the lock table.
@@ -128,7 +136,7 @@ pub fn attach(
         node.id(),
         direct,
         Arc::new(MetaTransport { node: node.clone() }),
-        cfg.redirector.to_redirector(),
+        cfg.redirector.to_redirector(cfg.session.ttl_ms),
     )
     .context("cannot start the I/O redirector")?;
     let svc = lun.peer_service(Arc::new(LockTable { node: node.clone() }));

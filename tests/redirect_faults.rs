@@ -262,6 +262,39 @@ async fn killing_the_redirect_peer_mid_io_reroutes_and_loses_nothing() {
     assert!(rep.max_ms <= 3_000.0, "stall {:.0} ms", rep.max_ms);
 }
 
+/// The open defect of 2026-11-27 made deterministic: the redirect peer dies with node 1's writes
+/// stuck in its SAN target, which executes them seconds later. Their ghosts must stay unresolved
+/// until that can no longer happen (the peer's session is gone and its drain time has passed),
+/// so the late landings are overwritten by the ledger's rewrites, never read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_peers_writes_landing_late_from_its_hung_san_never_roll_back_data() {
+    let _one = SERIAL.lock().await;
+    let mut c = cluster(3).await;
+    let r = start(&c, workload(8));
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    inject(&mut c, 1, Fault::SanDown);
+    let st = wait_path(&c, 1, "redirected", Duration::from_secs(5)).await;
+    let peer = st.nodes.iter().find(|n| n.id == 1).unwrap().peer.unwrap();
+    let other = if peer == 2 { 3 } else { 2 };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Node 1's writes get stuck in the peer's SAN target, time out and go through the other.
+    inject(&mut c, peer, Fault::SanHang);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    inject(&mut c, peer, Fault::Kill);
+    let (ghosts_at_kill, _, stats) = ghosts(&c, 1).await;
+    eprintln!("at the kill: {ghosts_at_kill} ghosts, {stats}");
+    assert!(
+        ghosts_at_kill > 0,
+        "no write was stuck at the peer: {stats}"
+    );
+    // Past the I/O timeout, within the session TTL: the stuck writes land now.
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    inject(&mut c, peer, Fault::SanUp);
+    tokio::time::sleep(Duration::from_millis(4_000)).await;
+    let rep = finish(&c, r, &[1, other]).await;
+    assert!(rep.max_ms <= 5_000.0, "stall {:.0} ms", rep.max_ms);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_every_san_path_down_io_pauses_fails_with_eio_after_the_bound_and_resumes() {
     let _one = SERIAL.lock().await;

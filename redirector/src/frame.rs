@@ -3,12 +3,16 @@
 //! A redirected request carries everything the peer needs to check it before touching the LUN:
 //! the writer's fencing token and node id, the byte range, and a crc32c of the write payload.
 //! The peer answers with the request id, a [`Status`], and for reads the data and its crc32c.
+//! One op is not I/O: `Settle` asks the peer to finish and fence off the sender's earlier requests
+//! (see [`RequestBody::Settle`] and `docs/fencing.md`).
 //!
 //! Layout (all integers big-endian):
 //!
 //! ```text
 //! request header, REQUEST_HEADER_LEN = 56 bytes
-//!   0  u32 magic "CSVR"      4  u8 version (1)   5  u8 op   6  u16 flags (bit 0 = FUA)
+//!   0  u32 magic "CSVR"      4  u8 version (1)   5  u8 op (1 read, 2 write, 3 flush,
+//!                                                    4 write zeroes, 5 discard, 6 settle)
+//!                                                  6  u16 flags (bit 0 = FUA)
 //!   8  u64 request id       16  u64 offset      24  u64 length
 //!  32  u64 fencing token    40  u64 node id
 //!  48  u32 crc32c of the payload (writes; 0 otherwise)
@@ -94,6 +98,7 @@ pub enum OpCode {
     Flush = 3,
     WriteZeroes = 4,
     Discard = 5,
+    Settle = 6,
 }
 
 impl OpCode {
@@ -104,6 +109,7 @@ impl OpCode {
             3 => OpCode::Flush,
             4 => OpCode::WriteZeroes,
             5 => OpCode::Discard,
+            6 => OpCode::Settle,
             other => return Err(FrameError::UnknownOp(other)),
         })
     }
@@ -122,6 +128,10 @@ pub enum RequestBody {
     WriteZeroes { len: u64, fua: bool },
     /// Advisory: `len` (>= 1) bytes may be dropped.
     Discard { len: u64 },
+    /// Answer once every earlier request of this sender (ids of the same epoch below this one's)
+    /// has resolved on the peer's path, and refuse any of them that arrives later. Offset and
+    /// length are 0. The answer's payload lists the peer's sessions (big-endian u64 each).
+    Settle,
 }
 
 impl RequestBody {
@@ -132,6 +142,7 @@ impl RequestBody {
             RequestBody::Flush => OpCode::Flush,
             RequestBody::WriteZeroes { .. } => OpCode::WriteZeroes,
             RequestBody::Discard { .. } => OpCode::Discard,
+            RequestBody::Settle => OpCode::Settle,
         }
     }
 
@@ -140,7 +151,7 @@ impl RequestBody {
         match self {
             RequestBody::Read { len } => u64::from(*len),
             RequestBody::Write { data, .. } => data.len() as u64,
-            RequestBody::Flush => 0,
+            RequestBody::Flush | RequestBody::Settle => 0,
             RequestBody::WriteZeroes { len, .. } | RequestBody::Discard { len } => *len,
         }
     }
@@ -177,13 +188,13 @@ fn validate_request(op: OpCode, flags: u16, offset: u64, len: u64) -> Result<(),
     }
     let len_ok = match op {
         OpCode::Read | OpCode::Write => (1..=MAX_PAYLOAD as u64).contains(&len),
-        OpCode::Flush => len == 0,
+        OpCode::Flush | OpCode::Settle => len == 0,
         OpCode::WriteZeroes | OpCode::Discard => len >= 1,
     };
     if !len_ok {
         return Err(FrameError::BadLength { op, len });
     }
-    if op == OpCode::Flush && offset != 0 {
+    if matches!(op, OpCode::Flush | OpCode::Settle) && offset != 0 {
         return Err(FrameError::NonZeroField);
     }
     if offset.checked_add(len).is_none() {
@@ -307,6 +318,7 @@ impl Request {
             OpCode::Flush => RequestBody::Flush,
             OpCode::WriteZeroes => RequestBody::WriteZeroes { len, fua },
             OpCode::Discard => RequestBody::Discard { len },
+            OpCode::Settle => RequestBody::Settle,
         };
         src.advance(REQUEST_HEADER_LEN);
         Ok(Some(Request {
@@ -693,6 +705,7 @@ mod tests {
                     fua
                 }),
             Just(RequestBody::Flush),
+            Just(RequestBody::Settle),
             (1u64..1 << 40, any::<bool>())
                 .prop_map(|(len, fua)| RequestBody::WriteZeroes { len, fua }),
             (1u64..1 << 40).prop_map(|len| RequestBody::Discard { len }),
@@ -709,7 +722,7 @@ mod tests {
         )
             .prop_map(|(id, offset, token, node, body)| Request {
                 id,
-                offset: if body == RequestBody::Flush {
+                offset: if matches!(body, RequestBody::Flush | RequestBody::Settle) {
                     0
                 } else {
                     offset

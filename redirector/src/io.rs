@@ -12,7 +12,9 @@
 //! - a write whose outcome is unknown (a timeout, a path error on the direct path, a peer
 //!   connection lost after sending) is registered with the ledger **before** it is re-issued on
 //!   the next route; the ghost is resolved when the attempt's task has finished and then the
-//!   path has settled ([`SanPath::settled`]), or for a lost peer connection `lost_grace` later;
+//!   path has settled ([`SanPath::settled`]); a write whose answer from a peer was lost resolves
+//!   when that peer's process settles it, or when that process is gone and `dead_peer_drain_ms`
+//!   have passed (`peer_lost`, `docs/fencing.md` §4a), never on a timeout alone;
 //!   the ledger's rewrites are sent like writes (without a fence) until acknowledged;
 //! - a write is acknowledged to the caller only after `write_acked` recorded it, and a read
 //!   takes its overlay when issued, so the caller never reads data older than what it wrote;
@@ -29,7 +31,10 @@
 //! [`PeerService`] is the other side: it executes requests from peers on this node's own SAN path
 //! (never redirecting them again), verifies the payload crc32c and the fencing token, answers
 //! `PathError` at once when this node's own path is known bad, and answers a request only once it
-//! has resolved on this node's path, so an answer always resolves the requester's ghost.
+//! has resolved on this node's path, so an answer always resolves the requester's ghost. It keeps
+//! each requester's requests in flight by id; a `Settle` from a requester fences off its earlier
+//! requests (any that arrives later is refused without touching the LUN) and is answered once none
+//! of them is in flight, with the sessions this process has held.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,7 +43,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use csv_core::lun::{IoFence, Lun, LunError, LunFuture, check_aligned, check_range};
-use csv_core::meta::{NodeId, PathStatus};
+use csv_core::meta::{NodeId, PathStatus, SessionId};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -56,6 +61,24 @@ use crate::policy::{Command, Event, Millis, Mode, OpId, Policy, PolicyConfig, Po
 pub const DIRECT_PATH: PathId = 0;
 /// Requests larger than this are split into concurrent pieces.
 pub const MAX_CHUNK: usize = 4 << 20;
+/// A redirected request's id is `epoch << EPOCH_SHIFT | counter`: the epoch is chosen at random
+/// when the process starts, so a peer tells this process's requests from an earlier one's.
+const EPOCH_SHIFT: u32 = 40;
+
+fn epoch_of(id: u64) -> u64 {
+    id >> EPOCH_SHIFT
+}
+
+/// The first request id of a process: a random 24-bit epoch, counter 1.
+fn first_request_id() -> u64 {
+    use std::hash::BuildHasher;
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let epoch = std::collections::hash_map::RandomState::new().hash_one(seed) & 0xff_ffff;
+    (epoch << EPOCH_SHIFT) | 1
+}
 
 /// Settings of a [`RedirectingLun`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,16 +86,18 @@ pub struct RedirectorConfig {
     pub policy: PolicyConfig,
     /// Memory for newest data over unresolved ghosts; writes over ghosts stall beyond it.
     pub ghost_budget_bytes: usize,
-    /// A peer connection lost with writes in flight: those writes count as resolved this long
-    /// after the loss (a healthy target executes what it already received within it).
-    pub lost_grace_ms: u64,
+    /// Writes whose answer from a peer was lost, when the process that received them is gone
+    /// (its session ended or changed): they count as resolved this long after the loss. The
+    /// daemon sets the session TTL: a dead node's SAN writes must land within it anyway, or a
+    /// lock takeover after its session expired would be unsafe (`docs/fencing.md` §4).
+    pub dead_peer_drain_ms: u64,
 }
 
 impl Default for RedirectorConfig {
     fn default() -> Self {
         let policy = PolicyConfig::default();
         RedirectorConfig {
-            lost_grace_ms: policy.io_timeout_ms,
+            dead_peer_drain_ms: 10_000,
             policy,
             ghost_budget_bytes: 256 << 20,
         }
@@ -179,7 +204,46 @@ struct Inner {
     timer: Arc<Notify>,
     status_tx: watch::Sender<PathStatus>,
     next_req: AtomicU64,
+    /// Peers' requests this node is serving, and the settles that fenced earlier ones off.
+    served: Mutex<Served>,
+    /// Bumped whenever a peer's request finishes here (settles wait on it).
+    served_tx: watch::Sender<u64>,
     counters: Counters,
+}
+
+/// The [`PeerService`]'s record of what it serves (see [`PeerService`]).
+#[derive(Default)]
+struct Served {
+    /// Per requesting node: its requests in flight here, by id.
+    inflight: BTreeMap<NodeId, std::collections::BTreeSet<u64>>,
+    /// Per requesting node: its last settle's id. Its requests of that epoch with a lower id,
+    /// and of the epoch before (the counter carried over), are refused from then on.
+    floor: BTreeMap<NodeId, u64>,
+    /// Sessions this process held while serving (newest last, at most [`MAX_HELD`]).
+    held: Vec<SessionId>,
+}
+
+/// Sessions a settle answer lists.
+const MAX_HELD: usize = 16;
+
+impl Served {
+    fn fenced_off(&self, from: NodeId, id: u64) -> bool {
+        self.floor.get(&from).is_some_and(|&floor| {
+            let (e, fe) = (epoch_of(id), epoch_of(floor));
+            (e == fe && id < floor) || e.wrapping_add(1) == fe
+        })
+    }
+
+    fn hold(&mut self, session: Option<SessionId>) {
+        if let Some(s) = session
+            && !self.held.contains(&s)
+        {
+            if self.held.len() == MAX_HELD {
+                self.held.remove(0);
+            }
+            self.held.push(s);
+        }
+    }
 }
 
 /// A [`Lun`] that sends I/O on the node's SAN path, or redirects it to a peer when the path fails.
@@ -246,7 +310,9 @@ impl RedirectingLun {
             admit_tx: watch::channel(0).0,
             timer: Arc::new(Notify::new()),
             status_tx: watch::channel(status).0,
-            next_req: AtomicU64::new(1),
+            next_req: AtomicU64::new(first_request_id()),
+            served: Mutex::new(Served::default()),
+            served_tx: watch::channel(0).0,
             counters: Counters::default(),
         });
         let timer = inner.timer.clone();
@@ -377,6 +443,10 @@ async fn run_timer(weak: Weak<Inner>, kick: Arc<Notify>) {
 }
 
 impl Inner {
+    fn served(&self) -> MutexGuard<'_, Served> {
+        self.served.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // Every critical section leaves the state consistent; a poisoned lock is usable.
         self.st.lock().unwrap_or_else(|e| e.into_inner())
@@ -607,6 +677,8 @@ impl Inner {
 
     async fn try_peer(self: &Arc<Self>, peer: NodeId, io: &IoOp) -> Outcome {
         bump(&self.counters.peer_attempts);
+        // Who receives it, as far as this node knows: needed if the answer is lost.
+        let incarnation = self.transport.incarnation(peer);
         let (op, id) = {
             let mut st = self.lock();
             *st.inflight.entry(peer).or_default() += 1;
@@ -683,13 +755,14 @@ impl Inner {
                 if !io.is_write() {
                     return Outcome::Failed;
                 }
-                let grace = Duration::from_millis(self.cfg.lost_grace_ms);
+                let me = self.clone();
                 return Outcome::Unknown(Box::pin(async move {
+                    // An answer of any kind means the request resolved on the peer's path.
                     if !matches!(
                         task.await,
                         Ok(Ok(_)) | Ok(Err(TransportError::NotSent { .. }))
                     ) {
-                        tokio::time::sleep(grace).await;
+                        me.peer_lost(peer, incarnation).await;
                     }
                 }));
             }
@@ -701,8 +774,7 @@ impl Inner {
                 self.event(Event::PeerFailed { peer });
                 return match e {
                     TransportError::Lost { .. } if io.is_write() => {
-                        let grace = Duration::from_millis(self.cfg.lost_grace_ms);
-                        Outcome::Unknown(Box::pin(tokio::time::sleep(grace)))
+                        Outcome::Unknown(Box::pin(self.clone().peer_lost(peer, incarnation)))
                     }
                     _ => Outcome::Failed,
                 };
@@ -729,6 +801,83 @@ impl Inner {
                 tracing::debug!(node = self.node, peer, status = ?r.status, "peer refused redirected I/O");
                 self.event(Event::PeerFailed { peer });
                 Outcome::Failed
+            }
+        }
+    }
+
+    /// Completes when the writes this node sent to `peer` whose answers were lost have
+    /// resolved, `incarnation` being the peer's session when they were sent
+    /// (`docs/fencing.md` §4):
+    /// - the process holding that session answers a settle: it has finished every earlier
+    ///   request of ours and refuses any that still arrives; or
+    /// - that process is gone (the peer's session is another one, or none, or the settle is
+    ///   answered by a process that never held it), and `dead_peer_drain_ms` have passed since
+    ///   the loss.
+    ///
+    /// While neither holds it keeps asking, every `peer_retry_ms`: an unreachable peer that is
+    /// alive may still execute the writes, so time alone never resolves them.
+    async fn peer_lost(self: Arc<Self>, peer: NodeId, incarnation: Option<SessionId>) {
+        let drained_at = Instant::now() + Duration::from_millis(self.cfg.dead_peer_drain_ms);
+        let retry = Duration::from_millis(self.cfg.policy.peer_retry_ms.max(10));
+        let mut gone = false;
+        loop {
+            gone |= incarnation.is_none() || self.transport.incarnation(peer) != incarnation;
+            if !gone && let Some(held) = self.settle_peer(peer).await {
+                if incarnation.is_some_and(|s| held.contains(&s)) {
+                    tracing::debug!(
+                        node = self.node,
+                        peer,
+                        "lost redirected writes settled by the peer"
+                    );
+                    return;
+                }
+                gone = true;
+            }
+            if gone && Instant::now() >= drained_at {
+                tracing::debug!(
+                    node = self.node,
+                    peer,
+                    "lost redirected writes resolved: the peer's process is gone and its drain time passed"
+                );
+                return;
+            }
+            let nap = if gone {
+                drained_at.saturating_duration_since(Instant::now())
+            } else {
+                retry
+            };
+            tokio::time::sleep(nap.max(Duration::from_millis(1))).await;
+        }
+    }
+
+    /// Asks `peer` to settle our earlier requests; returns the sessions its process has held,
+    /// or `None` when it did not answer in time.
+    async fn settle_peer(&self, peer: NodeId) -> Option<Vec<SessionId>> {
+        let id = self.next_req.fetch_add(1, Ordering::Relaxed);
+        let req = frame::Request {
+            id,
+            offset: 0,
+            token: 0,
+            node: self.node,
+            body: RequestBody::Settle,
+        };
+        let wire = encode_envelope("", &req).ok()?;
+        let limit = self.io_timeout() * 4;
+        let answer = tokio::time::timeout(limit, self.transport.call(peer, wire)).await;
+        let Ok(Ok(resp)) = answer else {
+            return None;
+        };
+        let mut buf = BytesMut::from(&resp[..]);
+        match Response::decode(&mut buf) {
+            Ok(Some(r)) if r.id == id && r.status == Status::Ok && buf.is_empty() => Some(
+                r.payload
+                    .chunks_exact(8)
+                    .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+                    .collect(),
+            ),
+            other => {
+                tracing::warn!(node = self.node, peer, answer = ?other.map(|o| o.map(|r| (r.id, r.status))), "bad answer to a settle");
+                None
             }
         }
     }
@@ -1053,12 +1202,63 @@ impl PeerService {
                 req.node
             ));
         }
+        if req.body == RequestBody::Settle {
+            return self.settle(from, req.id).await;
+        }
+        let Some(admitted) = Admitted::new(&self.inner, from, req.id) else {
+            tracing::debug!(
+                node = self.inner.node,
+                from,
+                id = req.id,
+                "refused a redirected request its sender has settled"
+            );
+            return encode_response(req.id, Status::PathError, Bytes::new());
+        };
         let status = self.serve(&key, &req).await;
+        drop(admitted);
         let (status, payload) = match status {
             Ok(b) => (Status::Ok, b),
             Err(s) => (s, Bytes::new()),
         };
         encode_response(req.id, status, payload)
+    }
+
+    /// Fences off `from`'s requests older than `id` (same epoch, or the epoch before), waits
+    /// until none of them is in flight here, and answers the sessions this process has held.
+    async fn settle(&self, from: NodeId, id: u64) -> Result<Bytes, String> {
+        let inner = &self.inner;
+        let mut rx = inner.served_tx.subscribe();
+        {
+            let mut sv = inner.served();
+            let floor = sv.floor.entry(from).or_insert(id);
+            if epoch_of(*floor) != epoch_of(id) || *floor < id {
+                *floor = id;
+            }
+        }
+        loop {
+            let pending = {
+                let sv = inner.served();
+                sv.inflight
+                    .get(&from)
+                    .is_some_and(|ids| ids.iter().any(|&r| sv.fenced_off(from, r)))
+            };
+            if !pending || rx.changed().await.is_err() {
+                break;
+            }
+        }
+        let held = {
+            let mut sv = inner.served();
+            sv.hold(inner.transport.incarnation(inner.node));
+            sv.held.clone()
+        };
+        let payload: Vec<u8> = held.iter().flat_map(|s| s.to_be_bytes()).collect();
+        tracing::debug!(
+            node = inner.node,
+            from,
+            ?held,
+            "settled a peer's earlier requests"
+        );
+        encode_response(id, Status::Ok, Bytes::from(payload))
     }
 
     async fn serve(&self, key: &str, req: &frame::Request) -> Result<Bytes, Status> {
@@ -1087,6 +1287,7 @@ impl PeerService {
                 len: *len,
             },
             RequestBody::Flush => IoOp::Flush,
+            RequestBody::Settle => return Err(Status::PathError),
             RequestBody::Discard { len } => {
                 return check_range(req.offset, *len, inner.size)
                     .map(|_| Bytes::new())
@@ -1155,6 +1356,42 @@ impl PeerService {
             }
             Err(_) => Err(Status::PathError),
         }
+    }
+}
+
+/// A peer's request admitted by the [`PeerService`]: in flight until dropped.
+struct Admitted<'a> {
+    inner: &'a Inner,
+    from: NodeId,
+    id: u64,
+}
+
+impl<'a> Admitted<'a> {
+    /// `None` when a settle of the sender has fenced the request off.
+    fn new(inner: &'a Inner, from: NodeId, id: u64) -> Option<Admitted<'a>> {
+        let session = inner.transport.incarnation(inner.node);
+        let mut sv = inner.served();
+        if sv.fenced_off(from, id) {
+            return None;
+        }
+        sv.hold(session);
+        sv.inflight.entry(from).or_default().insert(id);
+        Some(Admitted { inner, from, id })
+    }
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        {
+            let mut sv = self.inner.served();
+            if let Some(ids) = sv.inflight.get_mut(&self.from) {
+                ids.remove(&self.id);
+                if ids.is_empty() {
+                    sv.inflight.remove(&self.from);
+                }
+            }
+        }
+        self.inner.served_tx.send_modify(|n| *n = n.wrapping_add(1));
     }
 }
 

@@ -24,7 +24,7 @@ use std::future::Future;
 use std::pin::Pin;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use csv_core::meta::{FencingToken, NodeId};
+use csv_core::meta::{FencingToken, NodeId, SessionId};
 
 use crate::frame::{FrameError, Request};
 
@@ -50,6 +50,12 @@ pub enum TransportError {
 /// out call to learn when the request has resolved.
 pub trait PeerTransport: Send + Sync + 'static {
     fn call(&self, peer: NodeId, request: Bytes) -> BoxFuture<'_, Result<Bytes, TransportError>>;
+
+    /// The session `node` holds as this node knows it (its own, or its replica's view of a
+    /// peer's), `None` when it holds none. A session belongs to one process of that node, so a
+    /// peer that answers a settle naming the session it held when a request was sent is the
+    /// process that received it.
+    fn incarnation(&self, node: NodeId) -> Option<SessionId>;
 }
 
 /// The peer's verdict on a write's fencing token.

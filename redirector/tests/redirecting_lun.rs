@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use csv_core::lun::{FaultError, FaultHandle, FaultLun, IoFence, Lun, LunError, MemLun, OpSet};
-use csv_core::meta::{NodeId, PathState};
+use csv_core::meta::{NodeId, PathState, SessionId};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use redirector::frame::{Request, RequestBody, Response, Status};
@@ -46,7 +46,7 @@ fn cfg() -> RedirectorConfig {
             peer_retry_ms: 500,
         },
         ghost_budget_bytes: 1 << 20,
-        lost_grace_ms: 200,
+        dead_peer_drain_ms: 1_000,
     }
 }
 
@@ -55,8 +55,13 @@ enum PeerFault {
     None,
     /// Requests are received but not executed until the fault changes (then they execute).
     Hang,
-    /// The process died: requests waiting in a hang are lost unexecuted.
+    /// The process died (its session ends with it): requests waiting in a hang are lost
+    /// unexecuted.
     Killed,
+    /// The connection is lost: callers get `Lost` at once, while requests already received keep
+    /// waiting and execute once the fault is `None` again (a live peer out of reach, or a dead
+    /// one whose SAN target still holds them), or are lost if it becomes `Killed`.
+    Cut,
 }
 
 /// The in-process LAN.
@@ -64,6 +69,8 @@ enum PeerFault {
 struct Net {
     services: Mutex<BTreeMap<NodeId, PeerService>>,
     faults: Mutex<BTreeMap<NodeId, watch::Sender<PeerFault>>>,
+    /// Each node's session (`None` while it holds none); a node starts with `1000 + id`.
+    sessions: Mutex<BTreeMap<NodeId, Option<SessionId>>>,
 }
 
 impl Net {
@@ -76,8 +83,24 @@ impl Net {
             .clone()
     }
 
+    /// Sets `peer`'s fault; `Killed` ends its session, and leaving `Killed` (a restart) opens a
+    /// new one.
     fn set(&self, peer: NodeId, f: PeerFault) {
-        self.fault_tx(peer).send_replace(f);
+        let was = self.fault_tx(peer).send_replace(f);
+        if f == PeerFault::Killed {
+            self.set_session(peer, None);
+        } else if was == PeerFault::Killed {
+            self.set_session(peer, Some(2000 + peer));
+        }
+    }
+
+    fn set_session(&self, node: NodeId, s: Option<SessionId>) {
+        self.sessions.lock().unwrap().insert(node, s);
+    }
+
+    fn session(&self, node: NodeId) -> Option<SessionId> {
+        let s = self.sessions.lock().unwrap().get(&node).copied();
+        s.unwrap_or(Some(1000 + node))
     }
 }
 
@@ -90,31 +113,56 @@ impl PeerTransport for Transport {
     fn call(&self, peer: NodeId, request: Bytes) -> BoxFuture<'_, Result<Bytes, TransportError>> {
         Box::pin(async move {
             let mut rx = self.net.fault_tx(peer).subscribe();
-            let not_sent = |why: &str| TransportError::NotSent {
+            let not_sent = move |why: &str| TransportError::NotSent {
                 peer,
                 reason: why.into(),
             };
+            let lost = move || TransportError::Lost {
+                peer,
+                reason: "connection lost".into(),
+            };
             match *rx.borrow_and_update() {
                 PeerFault::Killed => return Err(not_sent("down")),
+                PeerFault::Cut => return Err(not_sent("unreachable")),
                 PeerFault::None | PeerFault::Hang => {}
-            }
-            while *rx.borrow_and_update() == PeerFault::Hang {
-                if rx.changed().await.is_err() {
-                    break;
-                }
-            }
-            if *rx.borrow() == PeerFault::Killed {
-                return Err(TransportError::Lost {
-                    peer,
-                    reason: "peer died".into(),
-                });
             }
             let svc = self.net.services.lock().unwrap().get(&peer).cloned();
             let svc = svc.ok_or_else(|| not_sent("unknown peer"))?;
-            svc.handle(self.me, &request)
-                .await
-                .map_err(|e| not_sent(&e))
+            // The request's fate at the peer, which the caller may stop waiting for.
+            let mut at_peer = rx.clone();
+            let me = self.me;
+            let delivery = tokio::spawn(async move {
+                loop {
+                    match *at_peer.borrow_and_update() {
+                        PeerFault::None => break,
+                        PeerFault::Killed => return Err(lost()),
+                        PeerFault::Hang | PeerFault::Cut => {}
+                    }
+                    if at_peer.changed().await.is_err() {
+                        return Err(lost());
+                    }
+                }
+                svc.handle(me, &request).await.map_err(|e| not_sent(&e))
+            });
+            let cut = async move {
+                loop {
+                    if matches!(*rx.borrow_and_update(), PeerFault::Cut | PeerFault::Killed) {
+                        return;
+                    }
+                    if rx.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+            };
+            tokio::select! {
+                r = delivery => r.unwrap_or_else(|_| Err(lost())),
+                _ = cut => Err(lost()),
+            }
         })
+    }
+
+    fn incarnation(&self, node: NodeId) -> Option<SessionId> {
+        self.net.session(node)
     }
 }
 
@@ -425,6 +473,159 @@ async fn a_redirect_peer_that_dies_mid_io_is_replaced_and_nothing_is_lost() {
             Some(i as u8 + 20)
         );
     }
+}
+
+/// Node 1 redirects to a peer; the peer hangs with a write of block 0 inside (tag 2), which
+/// times out and is re-issued through the other peer; then the first peer's connection is cut.
+/// Returns (first peer, other peer).
+async fn strand_a_write_at_a_peer(c: &Cluster) -> (NodeId, NodeId) {
+    c.fault(1).fail_all(OpSet::ALL, FaultError::PathUnreachable);
+    c.lun(1).write_at(0, block(1), false).await.unwrap();
+    let Mode::Redirected { peer: first, .. } = c.lun(1).mode() else {
+        panic!("not redirected: {:?}", c.lun(1).mode())
+    };
+    let other = if first == 2 { 3 } else { 2 };
+    c.net.set(first, PeerFault::Hang);
+    c.lun(1).write_at(0, block(2), false).await.unwrap();
+    assert_eq!(
+        c.lun(1).ghosts().0,
+        1,
+        "the write stuck at the peer is a ghost"
+    );
+    c.net.set(first, PeerFault::Cut);
+    // Newer data for the block, acknowledged through the other peer.
+    c.lun(1).write_at(0, block(3), false).await.unwrap();
+    assert_eq!(tag(&disk_block(c, 0).await), Some(3));
+    (first, other)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dead_peers_stuck_write_landing_after_the_io_timeout_never_rolls_back_data() {
+    let c = Cluster::new(3, Arc::new(NoFence));
+    let (first, other) = strand_a_write_at_a_peer(&c).await;
+    // The peer dies (its session ends) while its SAN target still holds the write.
+    c.net.set_session(first, None);
+    // Well past the I/O timeout, within the drain time: still unresolved.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(c.lun(1).ghosts(), (1, 0), "resolved before the drain time");
+    // The target executes the dead peer's write late: the LUN is rolled back...
+    c.net.set(first, PeerFault::None);
+    eventually(Duration::from_secs(1), "the late landing", async || {
+        tag(&disk_block(&c, 0).await) == Some(2)
+    })
+    .await;
+    c.net.set(first, PeerFault::Killed);
+    // ... node 1 never reads it, and after the drain time the ledger restores the newest data.
+    assert_eq!(tag(&c.lun(1).read_at(0, BLOCK).await.unwrap()), Some(3));
+    eventually(Duration::from_secs(2), "ledger idle", async || {
+        c.lun(1).ghosts() == (0, 0)
+    })
+    .await;
+    assert_eq!(tag(&disk_block(&c, 0).await), Some(3));
+    assert_eq!(tag(&c.lun(other).read_at(0, BLOCK).await.unwrap()), Some(3));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_live_peer_out_of_reach_keeps_its_stuck_write_unresolved_until_it_settles_it() {
+    let c = Cluster::new(3, Arc::new(NoFence));
+    let (first, other) = strand_a_write_at_a_peer(&c).await;
+    // The peer is alive (same session) but out of reach: no amount of time resolves the write.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        c.lun(1).ghosts(),
+        (1, 0),
+        "resolved while the peer could still execute it"
+    );
+    assert_eq!(tag(&c.lun(1).read_at(0, BLOCK).await.unwrap()), Some(3));
+    // Reachable again: the stuck write executes (rolling the LUN back), the peer settles it,
+    // and the ledger restores the newest data.
+    c.net.set(first, PeerFault::None);
+    eventually(Duration::from_secs(3), "ledger idle", async || {
+        c.lun(1).ghosts() == (0, 0)
+    })
+    .await;
+    assert_eq!(tag(&disk_block(&c, 0).await), Some(3));
+    assert_eq!(tag(&c.lun(other).read_at(0, BLOCK).await.unwrap()), Some(3));
+    assert_eq!(tag(&c.lun(first).read_at(0, BLOCK).await.unwrap()), Some(3));
+}
+
+fn wire(id: u64, body: RequestBody) -> Bytes {
+    let req = Request {
+        id,
+        offset: 0,
+        token: 0,
+        node: 1,
+        body,
+    };
+    encode_envelope("", &req).unwrap()
+}
+
+fn answer(b: &[u8]) -> Response {
+    Response::decode(&mut bytes::BytesMut::from(b))
+        .unwrap()
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_settle_waits_for_the_senders_earlier_requests_and_refuses_them_from_then_on() {
+    let c = Cluster::new(2, Arc::new(NoFence));
+    let svc = c.net.services.lock().unwrap()[&2].clone();
+    let epoch = 5u64 << 40;
+    let write = |tag| RequestBody::Write {
+        data: block(tag),
+        fua: false,
+    };
+    // An earlier request is stuck on the peer's path: the settle waits for it.
+    c.fault(2).hang();
+    let stuck = {
+        let (svc, w) = (svc.clone(), wire(epoch | 10, write(7)));
+        tokio::spawn(async move { svc.handle(1, &w).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let settle = {
+        let (svc, w) = (svc.clone(), wire(epoch | 12, RequestBody::Settle));
+        tokio::spawn(async move { svc.handle(1, &w).await })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!settle.is_finished(), "settled with a request in flight");
+    c.fault(2).release();
+    let r = answer(&settle.await.unwrap().unwrap());
+    assert_eq!((r.id, r.status), (epoch | 12, Status::Ok));
+    assert_eq!(r.payload, Bytes::from(1002u64.to_be_bytes().to_vec()));
+    assert_eq!(answer(&stuck.await.unwrap().unwrap()).status, Status::Ok);
+    assert_eq!(tag(&disk_block(&c, 0).await), Some(7));
+    // An earlier request that arrives only now (same epoch, or the epoch before) is refused
+    // without touching the LUN.
+    for id in [epoch | 11, (4 << 40) | 999] {
+        let r = answer(&svc.handle(1, &wire(id, write(8))).await.unwrap());
+        assert_eq!((r.id, r.status), (id, Status::PathError));
+    }
+    assert_eq!(tag(&disk_block(&c, 0).await), Some(7));
+    // Later requests, and those of another process of the sender (another epoch), are served
+    // (once the peer trusts its own path again after the hang).
+    eventually(Duration::from_secs(10), "node 2 direct again", async || {
+        c.lun(2).mode() == Mode::Direct
+    })
+    .await;
+    for (id, t) in [(epoch | 13, 9), ((77 << 40) | 1, 10)] {
+        let r = answer(&svc.handle(1, &wire(id, write(t))).await.unwrap());
+        assert_eq!(r.status, Status::Ok);
+        assert_eq!(tag(&disk_block(&c, 0).await), Some(t));
+    }
+    // Another sender is not affected by node 1's settle.
+    let other = Request {
+        id: epoch | 1,
+        offset: 0,
+        token: 0,
+        node: 3,
+        body: write(11),
+    };
+    let r = answer(
+        &svc.handle(3, &encode_envelope("", &other).unwrap())
+            .await
+            .unwrap(),
+    );
+    assert_eq!(r.status, Status::Ok);
 }
 
 #[tokio::test(start_paused = true)]
