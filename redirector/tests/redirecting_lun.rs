@@ -786,6 +786,22 @@ fn unstamp(b: &[u8]) -> (u64, u64, u64) {
     (u(0), u(8), u(16))
 }
 
+/// A peer's LAN state in the random nemesis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lan {
+    Up,
+    Hang,
+    Cut,
+    /// Dead; its SAN target executes what it holds by `land_at` (then `None`).
+    Killed {
+        land_at: Option<Instant>,
+    },
+    /// Dead, with requests stuck in its SAN target, which executes them at `land_at`.
+    Dead {
+        land_at: Instant,
+    },
+}
+
 async fn random_faults_run(seed: u64) {
     eprintln!("seed {seed}");
     let mut rng = StdRng::seed_from_u64(seed);
@@ -830,7 +846,9 @@ async fn random_faults_run(seed: u64) {
         })
     };
     // The nemesis: hangs (ghost writes), unreachable paths and error bursts on node 1 and its
-    // peers, until the writers are done. The writers unwrap every write, which the redirector
+    // peers, and LAN faults of the peers (hung, cut off while alive, killed, or dead with node
+    // 1's writes stuck in their SAN target, which lands them within the drain time: the
+    // assumption of `docs/fencing.md` §4a), until the writers are done. The writers unwrap every write, which the redirector
     // guarantees only while node 1 has its own path or a peer within `pause_bound_ms`; so the
     // nemesis never leaves all three SAN paths down (hung or failing every request) for more
     // than `TOTAL_OUTAGE_MAX`: it then restores node 1's path and leaves it alone for
@@ -843,6 +861,8 @@ async fn random_faults_run(seed: u64) {
         tokio::spawn(async move {
             // Per node: (hung, failing every request).
             let mut down = [(false, false); 4];
+            let mut lan = [Lan::Up; 4];
+            let mut next_session = 3000;
             let mut outage_since: Option<Instant> = None;
             let mut spare_node1_until = Instant::now();
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
@@ -851,7 +871,7 @@ async fn random_faults_run(seed: u64) {
                 } else {
                     rng.random_range(2..4)
                 };
-                let action = rng.random_range(0..10);
+                let action = rng.random_range(0..15);
                 let breaks = matches!(action, 0..=2 | 5);
                 if !(node == 1 && breaks && Instant::now() < spare_node1_until) {
                     let d = &mut down[node as usize];
@@ -877,11 +897,76 @@ async fn random_faults_run(seed: u64) {
                             c.fault(node)
                                 .set_error_rate(OpSet::ALL, 0.05, FaultError::Io(5), seed)
                         }
+                        10..=14 if node != 1 => {
+                            let l = &mut lan[node as usize];
+                            match (action, *l) {
+                                (10, Lan::Up) => {
+                                    c.net.set(node, PeerFault::Hang);
+                                    *l = Lan::Hang;
+                                }
+                                (11, Lan::Up | Lan::Hang) => {
+                                    c.net.set(node, PeerFault::Cut);
+                                    *l = Lan::Cut;
+                                }
+                                (12, Lan::Up | Lan::Hang) => {
+                                    c.net.set(node, PeerFault::Cut);
+                                    c.net.set_session(node, None);
+                                    let within = cfg().dead_peer_drain_ms * 9 / 10;
+                                    let after = Duration::from_millis(rng.random_range(0..within));
+                                    *l = Lan::Dead {
+                                        land_at: Instant::now() + after,
+                                    };
+                                }
+                                (13, Lan::Up | Lan::Hang | Lan::Cut) => {
+                                    c.net.set(node, PeerFault::Killed);
+                                    let within = cfg().dead_peer_drain_ms * 9 / 10;
+                                    let after = Duration::from_millis(rng.random_range(0..within));
+                                    *l = Lan::Killed {
+                                        land_at: Some(Instant::now() + after),
+                                    };
+                                }
+                                (14, Lan::Hang | Lan::Cut | Lan::Killed { land_at: None }) => {
+                                    c.net.set(node, PeerFault::None);
+                                    *l = Lan::Up;
+                                }
+                                _ => {}
+                            }
+                        }
                         _ => c.refresh_peers(),
                     }
                 }
                 let mut nap = Duration::from_millis(rng.random_range(20..400));
-                if down[1..].iter().all(|&(hung, failing)| hung || failing) {
+                // A dead peer's SAN target lands what it holds within the drain time (a dead
+                // node's path is not hung past it: the assumption of `docs/fencing.md` §4a).
+                for p in 2..4 {
+                    let (Lan::Dead { land_at }
+                    | Lan::Killed {
+                        land_at: Some(land_at),
+                    }) = lan[p as usize]
+                    else {
+                        continue;
+                    };
+                    if Instant::now() < land_at {
+                        nap = nap.min(land_at - Instant::now());
+                        continue;
+                    }
+                    c.fault(p).release();
+                    down[p as usize].0 = false;
+                    if matches!(lan[p as usize], Lan::Killed { .. }) {
+                        lan[p as usize] = Lan::Killed { land_at: None };
+                    } else {
+                        // The stuck requests reach its SAN target; the node restarts.
+                        c.net.set(p, PeerFault::None);
+                        c.net.set_session(p, Some(next_session));
+                        next_session += 1;
+                        lan[p as usize] = Lan::Up;
+                    }
+                }
+                let unusable = |n: usize| {
+                    let (hung, failing) = down[n];
+                    hung || failing || (n != 1 && lan[n] != Lan::Up)
+                };
+                if (1..4).all(unusable) {
                     let since = *outage_since.get_or_insert_with(Instant::now);
                     let left = (since + TOTAL_OUTAGE_MAX).saturating_duration_since(Instant::now());
                     if left.is_zero() {
@@ -899,6 +984,17 @@ async fn random_faults_run(seed: u64) {
             }
             for n in 1..=3 {
                 c.fault(n).clear();
+            }
+            for p in 2..4 {
+                match lan[p as usize] {
+                    Lan::Up => {}
+                    Lan::Dead { .. } => {
+                        c.net.set(p, PeerFault::None);
+                        c.net.set_session(p, Some(next_session));
+                        next_session += 1;
+                    }
+                    Lan::Hang | Lan::Cut | Lan::Killed { .. } => c.net.set(p, PeerFault::None),
+                }
             }
             c.refresh_peers();
         })
