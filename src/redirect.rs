@@ -113,6 +113,10 @@ fn judge(s: &VolumeState, key: &str, token: FencingToken) -> Seen {
 }
 
 impl FenceCheck for LockTable {
+    fn may_write(&self) -> bool {
+        self.node.may_write()
+    }
+
     fn check(&self, key: &str, token: FencingToken) -> BoxFuture<'_, FenceVerdict> {
         let key = key.to_string();
         Box::pin(async move {

@@ -1322,6 +1322,15 @@ impl PeerService {
                 return Err(Status::StaleToken);
             }
         }
+        if io.is_write() && !self.fence.may_write() {
+            // Our lease lapsed: we issue no write, ours or a peer's (`docs/fencing.md` §1).
+            tracing::warn!(
+                node = inner.node,
+                from = req.node,
+                "refused a redirected write: this node's lease is not valid"
+            );
+            return Err(Status::PathError);
+        }
         bump(&inner.counters.served_for_peers);
         let op = inner.new_op(&mut inner.lock());
         let mut task = tokio::spawn(exec_direct(inner.direct.clone(), io));

@@ -70,6 +70,11 @@ pub enum FenceVerdict {
 /// The lock table as a peer sees it.
 pub trait FenceCheck: Send + Sync + 'static {
     fn check(&self, key: &str, token: FencingToken) -> BoxFuture<'_, FenceVerdict>;
+
+    /// Whether this node may issue LUN writes now (its lease is valid). A peer issues a
+    /// redirected write only then, so a peer cut off from the cluster stops writing for others
+    /// when it stops writing for itself, before its session can expire anywhere.
+    fn may_write(&self) -> bool;
 }
 
 /// A [`FenceCheck`] that accepts every token (for nodes without a lock service: tests, tools).
@@ -79,6 +84,10 @@ pub struct NoFence;
 impl FenceCheck for NoFence {
     fn check(&self, _key: &str, _token: FencingToken) -> BoxFuture<'_, FenceVerdict> {
         Box::pin(async { FenceVerdict::Valid })
+    }
+
+    fn may_write(&self) -> bool {
+        true
     }
 }
 

@@ -669,6 +669,10 @@ async fn a_peer_whose_own_path_fails_answers_path_error_and_another_peer_is_used
 struct Locks(Mutex<BTreeMap<String, u64>>);
 
 impl FenceCheck for Locks {
+    fn may_write(&self) -> bool {
+        true
+    }
+
     fn check(&self, key: &str, token: u64) -> BoxFuture<'_, FenceVerdict> {
         let cur = self.0.lock().unwrap().get(key).copied().unwrap_or(0);
         Box::pin(async move {
@@ -741,6 +745,44 @@ async fn a_damaged_payload_is_answered_with_crc_mismatch() {
     // A request claiming to come from another node is refused outright.
     let wire = encode_envelope("", &req).unwrap();
     assert!(svc.handle(3, &wire).await.is_err());
+}
+
+/// A node whose lease lapsed.
+struct Lapsed;
+
+impl FenceCheck for Lapsed {
+    fn check(&self, _key: &str, _token: u64) -> BoxFuture<'_, FenceVerdict> {
+        Box::pin(async { FenceVerdict::Valid })
+    }
+
+    fn may_write(&self) -> bool {
+        false
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_peer_whose_lease_lapsed_writes_nothing_for_others() {
+    let c = Cluster::new(2, Arc::new(Lapsed));
+    let svc = c.net.services.lock().unwrap()[&2].clone();
+    let write = |id| {
+        wire(
+            id,
+            RequestBody::Write {
+                data: block(4),
+                fua: false,
+            },
+        )
+    };
+    let r = answer(&svc.handle(1, &write(1)).await.unwrap());
+    assert_eq!((r.id, r.status), (1, Status::PathError));
+    assert_eq!(disk_block(&c, 0).await, Bytes::from(vec![0u8; BLOCK]));
+    // Reads are still served.
+    let r = answer(
+        &svc.handle(1, &wire(2, RequestBody::Read { len: BLOCK as u32 }))
+            .await
+            .unwrap(),
+    );
+    assert_eq!((r.status, r.payload.len()), (Status::Ok, BLOCK));
 }
 
 #[tokio::test(start_paused = true)]
