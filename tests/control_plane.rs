@@ -167,6 +167,36 @@ async fn a_killed_nodes_lock_is_freed_after_its_ttl_and_not_before() {
     assert!(t2 > t1);
 }
 
+/// A restart does not free a crashed node's locks early: writes it issued before the crash may
+/// still be queued at the SAN, bound to land within the TTL, not within the restart. The node
+/// opens its new session only once the old one has expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_nodes_restart_waits_out_its_old_session_and_frees_no_lock_early() {
+    let mut c = TestCluster::up(3).await;
+    let ttl = Duration::from_millis(c.opts.session.ttl_ms);
+    let (_, victim, other) = c.leader_and_followers().await;
+    let t1 = c.acquire(victim, "held").await.unwrap();
+    c.kill9(victim);
+    let killed_at = Instant::now();
+    c.restart(victim);
+    tokio::time::sleep(ttl / 2).await;
+    assert_eq!(
+        lock_holder(&c, "held").await,
+        Some((victim, t1)),
+        "the restart freed the crashed node's lock before its TTL ran out"
+    );
+    assert!(c.acquire(other, "held").await.is_err());
+    cluster::wait_ready(&c.file, ttl * 5).await.unwrap();
+    let ready_after = killed_at.elapsed();
+    eprintln!("node {victim} restarted and ready {ready_after:?} after kill -9 (ttl {ttl:?})");
+    assert!(ready_after >= ttl / 2, "{ready_after:?}");
+    assert_eq!(lock_holder(&c, "held").await, None);
+    let t2 = c.acquire(other, "held").await.unwrap();
+    assert!(t2 > t1);
+    // The restarted node works normally under its new session.
+    assert!(c.acquire(victim, "mine").await.is_ok());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_paused_past_its_ttl_finds_its_lock_gone_and_token_stale() {
     let c = TestCluster::up(3).await;

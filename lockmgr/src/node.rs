@@ -352,6 +352,9 @@ const LOST_LEADERSHIP_GRACE: Duration = Duration::from_millis(200);
 const WRITE_DEADLINE: Duration = Duration::from_secs(15);
 /// How long a stopping node tries to close its session and hand over its voter seat.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How many session TTLs a node waits for its previous session to expire before opening a new
+/// one anyway (see `MetaNode::wait_out_previous_session`).
+const PREVIOUS_SESSION_WAIT: u32 = 3;
 
 impl MetaNode {
     /// Opens the store, starts Raft and the RPC server, bootstraps or joins, and opens
@@ -803,6 +806,7 @@ impl MetaNode {
     // ---- session ------------------------------------------------------------------------
 
     async fn open_session(&self) -> Result<SessionId, NodeError> {
+        self.wait_out_previous_session().await?;
         let sent = Instant::now();
         let r = self
             .write_ok(Op::OpenSession {
@@ -819,6 +823,43 @@ impl MetaNode {
         });
         tracing::info!(session = id, "metadata session opened");
         Ok(id)
+    }
+
+    /// Waits until no session of this node is live in the cluster (a linearizable read).
+    ///
+    /// After a crash, or a lease that lapsed, this node's previous session may still be live,
+    /// with its locks. Opening a new session would end it at once and let other nodes take those
+    /// locks, while writes issued under it may still be queued at the SAN target: they are
+    /// bound to land within the session TTL, not within a restart. So the old session is left to
+    /// expire on its own, as it would if this node had not come back (at most one TTL after its
+    /// last renewal). Bounded by [`PREVIOUS_SESSION_WAIT`] TTLs (leader changes extend sessions);
+    /// past that the session is replaced, with a warning.
+    async fn wait_out_previous_session(&self) -> Result<(), NodeError> {
+        let me = self.cfg.node_id;
+        let ttl = Duration::from_millis(self.cfg.session_ttl_ms);
+        let deadline = Instant::now() + ttl * PREVIOUS_SESSION_WAIT;
+        let mut told = false;
+        loop {
+            let live = self.read(|s| s.node(me).and_then(|n| n.session)).await?;
+            let Some(old) = live else {
+                return Ok(());
+            };
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    session = old,
+                    "the previous session did not expire in time; replacing it"
+                );
+                return Ok(());
+            }
+            if !told {
+                tracing::info!(
+                    session = old,
+                    "waiting for this node's previous session to expire before opening a new one"
+                );
+                told = true;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     fn lease_len(&self) -> Duration {
