@@ -572,6 +572,10 @@ async fn a_node_that_was_down_catches_up_from_a_snapshot() {
         panic!("node {down} did not answer the query")
     };
     assert!(locks.iter().all(|l| !l.key.starts_with("while-down-")));
+    // It takes locks once its crashed process's session has expired and it opened a new one.
+    cluster::wait_ready(&c.file, Duration::from_secs(30))
+        .await
+        .unwrap();
     let t = c.acquire(down, "after-catch-up").await.unwrap();
     assert!(t > 80);
 }
