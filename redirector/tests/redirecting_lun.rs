@@ -1073,7 +1073,7 @@ async fn random_faults_never_lose_or_roll_back_acknowledged_writes() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(rand::random);
-    for i in 0..6 {
+    for i in 0..12 {
         random_faults_run(base.wrapping_add(i)).await;
     }
 }
