@@ -24,7 +24,8 @@
 //!   8  u64 request id       16  u32 payload length
 //!  20  u32 crc32c of the payload (0 when empty)
 //!  24  u32 crc32c of header bytes 0..24
-//! followed by the payload (read data; only with status Ok)
+//! followed by the payload (only with status Ok: read data, or a settle's sessions as
+//! big-endian u64s)
 //! ```
 //!
 //! Invariants:
