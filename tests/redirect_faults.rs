@@ -293,6 +293,9 @@ async fn a_killed_peers_writes_landing_late_from_its_hung_san_never_roll_back_da
     tokio::time::sleep(Duration::from_millis(4_000)).await;
     let rep = finish(&c, r, &[1, other]).await;
     assert!(rep.max_ms <= 5_000.0, "stall {:.0} ms", rep.max_ms);
+    // They resolved because the peer's process was gone and its drain time had passed.
+    let (_, _, stats) = ghosts(&c, 1).await;
+    assert!(!stats.contains("lost_drained: 0"), "{stats}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

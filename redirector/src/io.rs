@@ -116,6 +116,12 @@ pub struct RedirectStats {
     pub failed_no_path: u64,
     pub served_for_peers: u64,
     pub refused_stale: u64,
+    /// Writes whose answer from a peer was lost, resolved by the peer's settle...
+    #[serde(default)]
+    pub lost_settled: u64,
+    /// ... and resolved because the peer's process was gone and the drain time had passed.
+    #[serde(default)]
+    pub lost_drained: u64,
 }
 
 #[derive(Default)]
@@ -129,6 +135,8 @@ struct Counters {
     failed_no_path: AtomicU64,
     served_for_peers: AtomicU64,
     refused_stale: AtomicU64,
+    lost_settled: AtomicU64,
+    lost_drained: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -399,6 +407,8 @@ impl RedirectingLun {
             failed_no_path: g(&c.failed_no_path),
             served_for_peers: g(&c.served_for_peers),
             refused_stale: g(&c.refused_stale),
+            lost_settled: g(&c.lost_settled),
+            lost_drained: g(&c.lost_drained),
         }
     }
 
@@ -824,6 +834,7 @@ impl Inner {
             gone |= incarnation.is_none() || self.transport.incarnation(peer) != incarnation;
             if !gone && let Some(held) = self.settle_peer(peer).await {
                 if incarnation.is_some_and(|s| held.contains(&s)) {
+                    bump(&self.counters.lost_settled);
                     tracing::debug!(
                         node = self.node,
                         peer,
@@ -834,6 +845,7 @@ impl Inner {
                 gone = true;
             }
             if gone && Instant::now() >= drained_at {
+                bump(&self.counters.lost_drained);
                 tracing::debug!(
                     node = self.node,
                     peer,

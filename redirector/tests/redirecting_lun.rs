@@ -523,6 +523,8 @@ async fn a_dead_peers_stuck_write_landing_after_the_io_timeout_never_rolls_back_
     .await;
     assert_eq!(tag(&disk_block(&c, 0).await), Some(3));
     assert_eq!(tag(&c.lun(other).read_at(0, BLOCK).await.unwrap()), Some(3));
+    let s = c.lun(1).stats();
+    assert_eq!((s.lost_settled, s.lost_drained), (0, 1), "{s:?}");
 }
 
 #[tokio::test(start_paused = true)]
@@ -547,6 +549,8 @@ async fn a_live_peer_out_of_reach_keeps_its_stuck_write_unresolved_until_it_sett
     assert_eq!(tag(&disk_block(&c, 0).await), Some(3));
     assert_eq!(tag(&c.lun(other).read_at(0, BLOCK).await.unwrap()), Some(3));
     assert_eq!(tag(&c.lun(first).read_at(0, BLOCK).await.unwrap()), Some(3));
+    let s = c.lun(1).stats();
+    assert_eq!((s.lost_settled, s.lost_drained), (1, 0), "{s:?}");
 }
 
 fn wire(id: u64, body: RequestBody) -> Bytes {
