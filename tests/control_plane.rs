@@ -279,12 +279,23 @@ async fn restarting_every_node_keeps_all_committed_state() {
     for n in [1, 2, 3] {
         c.kill9(n);
     }
+    let restarted = Instant::now();
     for n in [1, 2, 3] {
         c.restart(n);
     }
     cluster::wait_ready(&c.file, Duration::from_secs(60))
         .await
         .unwrap();
+    // Every node waited for its crashed process's session to expire, which the new leader
+    // did one TTL after its election, not the nodes' fallback (replacing it after 3 TTLs).
+    let ready_after = restarted.elapsed();
+    let ttl = Duration::from_millis(c.opts.session.ttl_ms);
+    eprintln!("all nodes restarted and ready after {ready_after:?} (ttl {ttl:?})");
+    assert!(ready_after >= ttl, "{ready_after:?}");
+    for n in [1, 2, 3] {
+        let log = c.log(n);
+        assert!(!log.contains("did not expire in time"), "node {n}:\n{log}");
+    }
     let client = c.client();
     let QueryReply::Volume(volume_after) = client.query(Query::Volume).await.unwrap() else {
         panic!()

@@ -452,11 +452,17 @@ impl MetaNode {
             }),
         )
         .await?;
-        step("open the session", node.open_session()).await?;
-
-        let keepalive = tokio::spawn(node.clone().keepalive_loop());
+        // Leader duties run before this node has a session: a node that comes back waits for its
+        // old session to expire, and when every node comes back at once, whichever leads must
+        // be the one expiring the old sessions.
         let duties = tokio::spawn(node.clone().leader_loop());
-        node.tasks.lock().await.extend([keepalive, duties]);
+        node.tasks.lock().await.push(duties);
+        if let Err(e) = step("open the session", node.open_session()).await {
+            node.loops.cancel();
+            return Err(e);
+        }
+        let keepalive = tokio::spawn(node.clone().keepalive_loop());
+        node.tasks.lock().await.push(keepalive);
         Ok(node)
     }
 
