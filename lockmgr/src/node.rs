@@ -812,7 +812,7 @@ impl MetaNode {
     // ---- session ------------------------------------------------------------------------
 
     async fn open_session(&self) -> Result<SessionId, NodeError> {
-        self.wait_out_previous_session().await?;
+        self.wait_out_previous_session().await;
         let sent = Instant::now();
         let r = self
             .write_ok(Op::OpenSession {
@@ -839,24 +839,33 @@ impl MetaNode {
     /// bound to land within the session TTL, not within a restart. So the old session is left to
     /// expire on its own, as it would if this node had not come back (at most one TTL after its
     /// last renewal). Bounded by [`PREVIOUS_SESSION_WAIT`] TTLs (leader changes extend sessions);
-    /// past that the session is replaced, with a warning.
-    async fn wait_out_previous_session(&self) -> Result<(), NodeError> {
+    /// past that the session is replaced, with a warning. A read that fails (a leader change)
+    /// is retried within the same bound.
+    async fn wait_out_previous_session(&self) {
         let me = self.cfg.node_id;
         let ttl = Duration::from_millis(self.cfg.session_ttl_ms);
         let deadline = Instant::now() + ttl * PREVIOUS_SESSION_WAIT;
         let mut told = false;
         loop {
-            let live = self.read(|s| s.node(me).and_then(|n| n.session)).await?;
-            let Some(old) = live else {
-                return Ok(());
+            let live = match self.read(|s| s.node(me).and_then(|n| n.session)).await {
+                Ok(None) => return,
+                Ok(Some(old)) => Some(old),
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot read this node's previous session yet");
+                    None
+                }
             };
             if Instant::now() >= deadline {
                 tracing::warn!(
-                    session = old,
-                    "the previous session did not expire in time; replacing it"
+                    session = ?live,
+                    "the previous session was not seen to expire in time; opening a new one"
                 );
-                return Ok(());
+                return;
             }
+            let Some(old) = live else {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            };
             if !told {
                 tracing::info!(
                     session = old,
