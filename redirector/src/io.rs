@@ -122,6 +122,9 @@ pub struct RedirectStats {
     /// ... and resolved because the peer's process was gone and the drain time had passed.
     #[serde(default)]
     pub lost_drained: u64,
+    /// Settles this node answered for peers.
+    #[serde(default)]
+    pub settles_served: u64,
 }
 
 #[derive(Default)]
@@ -137,6 +140,7 @@ struct Counters {
     refused_stale: AtomicU64,
     lost_settled: AtomicU64,
     lost_drained: AtomicU64,
+    settles_served: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -216,6 +220,9 @@ struct Inner {
     served: Mutex<Served>,
     /// Bumped whenever a peer's request finishes here (settles wait on it).
     served_tx: watch::Sender<u64>,
+    /// Per peer: our last settle it answered (its id, the sessions it named). One settle per
+    /// peer is in flight at a time; a lost request below a settled id is covered by it.
+    settled: Mutex<BTreeMap<NodeId, SettleSlot>>,
     counters: Counters,
 }
 
@@ -233,6 +240,9 @@ struct Served {
 
 /// Sessions a settle answer lists.
 const MAX_HELD: usize = 16;
+
+/// The last settle a peer answered us: (its request id, the sessions the peer named).
+type SettleSlot = Arc<tokio::sync::Mutex<Option<(u64, Vec<SessionId>)>>>;
 
 impl Served {
     fn fenced_off(&self, from: NodeId, id: u64) -> bool {
@@ -321,6 +331,7 @@ impl RedirectingLun {
             next_req: AtomicU64::new(first_request_id()),
             served: Mutex::new(Served::default()),
             served_tx: watch::channel(0).0,
+            settled: Mutex::new(BTreeMap::new()),
             counters: Counters::default(),
         });
         let timer = inner.timer.clone();
@@ -409,6 +420,7 @@ impl RedirectingLun {
             refused_stale: g(&c.refused_stale),
             lost_settled: g(&c.lost_settled),
             lost_drained: g(&c.lost_drained),
+            settles_served: g(&c.settles_served),
         }
     }
 
@@ -772,7 +784,7 @@ impl Inner {
                         task.await,
                         Ok(Ok(_)) | Ok(Err(TransportError::NotSent { .. }))
                     ) {
-                        me.peer_lost(peer, incarnation).await;
+                        me.peer_lost(peer, incarnation, id).await;
                     }
                 }));
             }
@@ -784,7 +796,7 @@ impl Inner {
                 self.event(Event::PeerFailed { peer });
                 return match e {
                     TransportError::Lost { .. } if io.is_write() => {
-                        Outcome::Unknown(Box::pin(self.clone().peer_lost(peer, incarnation)))
+                        Outcome::Unknown(Box::pin(self.clone().peer_lost(peer, incarnation, id)))
                     }
                     _ => Outcome::Failed,
                 };
@@ -815,9 +827,8 @@ impl Inner {
         }
     }
 
-    /// Completes when the writes this node sent to `peer` whose answers were lost have
-    /// resolved, `incarnation` being the peer's session when they were sent
-    /// (`docs/fencing.md` §4):
+    /// Completes when request `id`, sent to `peer` when its session was `incarnation`, whose
+    /// answer was lost, has resolved (`docs/fencing.md` §4a):
     /// - the process holding that session answers a settle: it has finished every earlier
     ///   request of ours and refuses any that still arrives; or
     /// - that process is gone (the peer's session is another one, or none, or the settle is
@@ -826,13 +837,13 @@ impl Inner {
     ///
     /// While neither holds it keeps asking, every `peer_retry_ms`: an unreachable peer that is
     /// alive may still execute the writes, so time alone never resolves them.
-    async fn peer_lost(self: Arc<Self>, peer: NodeId, incarnation: Option<SessionId>) {
+    async fn peer_lost(self: Arc<Self>, peer: NodeId, incarnation: Option<SessionId>, id: u64) {
         let drained_at = Instant::now() + Duration::from_millis(self.cfg.dead_peer_drain_ms);
         let retry = Duration::from_millis(self.cfg.policy.peer_retry_ms.max(10));
         let mut gone = false;
         loop {
             gone |= incarnation.is_none() || self.transport.incarnation(peer) != incarnation;
-            if !gone && let Some(held) = self.settle_peer(peer).await {
+            if !gone && let Some(held) = self.settle_covering(peer, id).await {
                 if incarnation.is_some_and(|s| held.contains(&s)) {
                     bump(&self.counters.lost_settled);
                     tracing::debug!(
@@ -862,9 +873,31 @@ impl Inner {
         }
     }
 
-    /// Asks `peer` to settle our earlier requests; returns the sessions its process has held,
-    /// or `None` when it did not answer in time.
-    async fn settle_peer(&self, peer: NodeId) -> Option<Vec<SessionId>> {
+    /// The sessions named by a settle of `peer` that covers request `id` (sent after it): the
+    /// last one it answered if that does, or a new one. One settle per peer is in flight at a
+    /// time, so many lost requests to one peer cost one settle, not one each. `None` when the
+    /// peer did not answer in time.
+    async fn settle_covering(&self, peer: NodeId, id: u64) -> Option<Vec<SessionId>> {
+        let slot = self.settled_slot(peer);
+        let mut last = slot.lock().await;
+        if let Some((settled, held)) = last.as_ref()
+            && *settled > id
+        {
+            return Some(held.clone());
+        }
+        let (settled, held) = self.settle_peer(peer).await?;
+        *last = Some((settled, held.clone()));
+        Some(held)
+    }
+
+    fn settled_slot(&self, peer: NodeId) -> SettleSlot {
+        let mut m = self.settled.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(peer).or_default().clone()
+    }
+
+    /// Asks `peer` to settle our earlier requests; returns the settle's id and the sessions the
+    /// peer's process has held, or `None` when it did not answer in time.
+    async fn settle_peer(&self, peer: NodeId) -> Option<(u64, Vec<SessionId>)> {
         let id = self.next_req.fetch_add(1, Ordering::Relaxed);
         let req = frame::Request {
             id,
@@ -881,12 +914,13 @@ impl Inner {
         };
         let mut buf = BytesMut::from(&resp[..]);
         match Response::decode(&mut buf) {
-            Ok(Some(r)) if r.id == id && r.status == Status::Ok && buf.is_empty() => Some(
+            Ok(Some(r)) if r.id == id && r.status == Status::Ok && buf.is_empty() => Some((
+                id,
                 r.payload
                     .chunks_exact(8)
                     .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
                     .collect(),
-            ),
+            )),
             other => {
                 tracing::warn!(node = self.node, peer, answer = ?other.map(|o| o.map(|r| (r.id, r.status))), "bad answer to a settle");
                 None
@@ -1239,6 +1273,7 @@ impl PeerService {
     /// until none of them is in flight here, and answers the sessions this process has held.
     async fn settle(&self, from: NodeId, id: u64) -> Result<Bytes, String> {
         let inner = &self.inner;
+        bump(&inner.counters.settles_served);
         let mut rx = inner.served_tx.subscribe();
         {
             let mut sv = inner.served();

@@ -553,6 +553,58 @@ async fn a_live_peer_out_of_reach_keeps_its_stuck_write_unresolved_until_it_sett
     assert_eq!((s.lost_settled, s.lost_drained), (1, 0), "{s:?}");
 }
 
+#[tokio::test(start_paused = true)]
+async fn many_writes_lost_at_one_peer_share_one_settle_at_a_time() {
+    let c = Cluster::new(3, Arc::new(NoFence));
+    c.fault(1).fail_all(OpSet::ALL, FaultError::PathUnreachable);
+    c.lun(1).write_at(0, block(1), false).await.unwrap();
+    let Mode::Redirected { peer: first, .. } = c.lun(1).mode() else {
+        panic!("not redirected: {:?}", c.lun(1).mode())
+    };
+    // Eight writes get stuck in the peer's own hung path, time out and go elsewhere; then the
+    // connection is lost, so all eight answers are lost.
+    c.fault(first).hang();
+    let lun = c.lun(1).clone();
+    let writers: Vec<_> = (0..8u64)
+        .map(|i| {
+            let lun = lun.clone();
+            tokio::spawn(async move { lun.write_at(i * BLOCK as u64, block(2), false).await })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap().unwrap();
+    }
+    assert_eq!(c.fault(first).hung(), 8);
+    c.net.set(first, PeerFault::Cut);
+    for i in 0..8u64 {
+        c.lun(1)
+            .write_at(i * BLOCK as u64, block(3), false)
+            .await
+            .unwrap();
+    }
+    // Reachable again, its path still hung: settles wait there, one at a time.
+    c.net.set(first, PeerFault::None);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(c.lun(1).ghosts().0, 8);
+    let asked = c.lun(first).stats().settles_served;
+    // One settle per 4 x io_timeout (800 ms) at most, not one per lost write.
+    eprintln!("{asked} settles in 10 s");
+    assert!((1..=14).contains(&asked), "{asked} settles in 10 s");
+    // The path resumes: the stuck writes land, one settle answers for all eight, and the
+    // ledger restores the newest data.
+    c.fault(first).release();
+    eventually(Duration::from_secs(5), "ledger idle", async || {
+        c.lun(1).ghosts() == (0, 0)
+    })
+    .await;
+    for i in 0..8u64 {
+        assert_eq!(tag(&disk_block(&c, i).await), Some(3), "block {i}");
+    }
+    let s = c.lun(1).stats();
+    assert_eq!((s.lost_settled, s.lost_drained), (8, 0), "{s:?}");
+    assert!(c.lun(first).stats().settles_served <= asked + 2);
+}
+
 fn wire(id: u64, body: RequestBody) -> Bytes {
     let req = Request {
         id,
