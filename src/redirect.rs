@@ -19,7 +19,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use csv_core::lun::{IoFence, Lun};
 use csv_core::meta::{FencingToken, NodeId, PathState, SessionId};
-use lockmgr::node::{MetaNode, NodeError, SessionState};
+use lockmgr::node::{MetaNode, NodeError};
 use lockmgr::rpc::RpcError;
 use lockmgr::state::VolumeState;
 use lockmgr::types::Op;
@@ -78,11 +78,7 @@ impl PeerTransport for MetaTransport {
 
     fn incarnation(&self, node: NodeId) -> Option<SessionId> {
         if node == self.node.id() {
-            // The session this process holds or last held, lease valid or not.
-            return match *self.node.session().borrow() {
-                SessionState::Live { id, .. } | SessionState::Lost { previous: id } => Some(id),
-                SessionState::Opening => None,
-            };
+            return self.node.session_id();
         }
         self.node
             .read_local(|s| s.node(node).and_then(|n| n.session))

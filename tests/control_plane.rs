@@ -135,6 +135,19 @@ async fn an_exclusive_lock_is_exclusive_across_nodes_and_tokens_increase() {
     assert_eq!(lock_holder(&c, "vm-disk").await, Some((2, t2)));
 }
 
+/// Asserts that `victim` still holds `key` under `token` and that `other` cannot take it.
+async fn assert_still_held(
+    c: &TestCluster,
+    key: &str,
+    victim: u64,
+    token: u64,
+    other: u64,
+    why: &str,
+) {
+    assert_eq!(lock_holder(c, key).await, Some((victim, token)), "{why}");
+    assert!(c.acquire(other, key).await.is_err());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_nodes_lock_is_freed_after_its_ttl_and_not_before() {
     let mut c = TestCluster::up(3).await;
@@ -146,12 +159,8 @@ async fn a_killed_nodes_lock_is_freed_after_its_ttl_and_not_before() {
     // The last keep-alive was at most ttl/4 before the kill: the session lives at
     // least 3/4 ttl more. Check well inside that window that the lock is still held.
     tokio::time::sleep(ttl / 2).await;
-    assert_eq!(
-        lock_holder(&c, "held").await,
-        Some((victim, t1)),
-        "lock freed before the TTL ran out"
-    );
-    assert!(c.acquire(other, "held").await.is_err());
+    let why = "lock freed before the TTL ran out";
+    assert_still_held(&c, "held", victim, t1, other, why).await;
     let deadline = killed_at + ttl * 3;
     loop {
         if lock_holder(&c, "held").await.is_none() {
@@ -180,12 +189,8 @@ async fn a_crashed_nodes_restart_waits_out_its_old_session_and_frees_no_lock_ear
     let killed_at = Instant::now();
     c.restart(victim);
     tokio::time::sleep(ttl / 2).await;
-    assert_eq!(
-        lock_holder(&c, "held").await,
-        Some((victim, t1)),
-        "the restart freed the crashed node's lock before its TTL ran out"
-    );
-    assert!(c.acquire(other, "held").await.is_err());
+    let why = "the restart freed the crashed node's lock before its TTL ran out";
+    assert_still_held(&c, "held", victim, t1, other, why).await;
     cluster::wait_ready(&c.file, ttl * 5).await.unwrap();
     let ready_after = killed_at.elapsed();
     eprintln!("node {victim} restarted and ready {ready_after:?} after kill -9 (ttl {ttl:?})");

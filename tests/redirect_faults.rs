@@ -71,6 +71,15 @@ async fn wait_path(c: &TestCluster, node: u64, path: &str, limit: Duration) -> C
     }
 }
 
+/// Takes node 1's SAN path down and waits until it redirects; returns (its redirect peer, the
+/// third node).
+async fn redirect_node1(c: &mut TestCluster) -> (u64, u64) {
+    inject(c, 1, Fault::SanDown);
+    let st = wait_path(c, 1, "redirected", Duration::from_secs(5)).await;
+    let peer = st.nodes.iter().find(|n| n.id == 1).unwrap().peer.unwrap();
+    (peer, if peer == 2 { 3 } else { 2 })
+}
+
 async fn ghosts(c: &TestCluster, node: u64) -> (u64, u64, String) {
     match diag(
         &c.client(),
@@ -238,12 +247,9 @@ async fn killing_the_redirect_peer_mid_io_reroutes_and_loses_nothing() {
     let mut c = cluster(3).await;
     let r = start(&c, workload(8));
     tokio::time::sleep(Duration::from_millis(1_000)).await;
-    inject(&mut c, 1, Fault::SanDown);
-    let st = wait_path(&c, 1, "redirected", Duration::from_secs(5)).await;
-    let peer = st.nodes.iter().find(|n| n.id == 1).unwrap().peer.unwrap();
+    let (peer, other) = redirect_node1(&mut c).await;
     tokio::time::sleep(Duration::from_millis(1_000)).await;
     inject(&mut c, peer, Fault::Kill);
-    let other = if peer == 2 { 3 } else { 2 };
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let st = status(&c).await;
@@ -272,10 +278,7 @@ async fn a_killed_peers_writes_landing_late_from_its_hung_san_never_roll_back_da
     let mut c = cluster(3).await;
     let r = start(&c, workload(8));
     tokio::time::sleep(Duration::from_millis(1_000)).await;
-    inject(&mut c, 1, Fault::SanDown);
-    let st = wait_path(&c, 1, "redirected", Duration::from_secs(5)).await;
-    let peer = st.nodes.iter().find(|n| n.id == 1).unwrap().peer.unwrap();
-    let other = if peer == 2 { 3 } else { 2 };
+    let (peer, other) = redirect_node1(&mut c).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     // Node 1's writes get stuck in the peer's SAN target, time out and go through the other.
     inject(&mut c, peer, Fault::SanHang);
@@ -389,10 +392,7 @@ async fn isolating_the_redirect_peer_reroutes_through_another_peer() {
     .await;
     let r = start(&c, workload(8));
     tokio::time::sleep(Duration::from_millis(1_000)).await;
-    inject(&mut c, 1, Fault::SanDown);
-    let st = wait_path(&c, 1, "redirected", Duration::from_secs(5)).await;
-    let peer = st.nodes.iter().find(|n| n.id == 1).unwrap().peer.unwrap();
-    let other = if peer == 2 { 3 } else { 2 };
+    let (peer, other) = redirect_node1(&mut c).await;
     tokio::time::sleep(Duration::from_millis(1_000)).await;
     inject(&mut c, peer, Fault::Isolate);
     tokio::time::sleep(Duration::from_secs(3)).await;

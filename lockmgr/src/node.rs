@@ -849,7 +849,7 @@ impl MetaNode {
         loop {
             let live = match self.read(|s| s.node(me).and_then(|n| n.session)).await {
                 Ok(None) => return,
-                Ok(Some(old)) => Some(old),
+                Ok(live) => live,
                 Err(e) => {
                     tracing::debug!(error = %e, "cannot read this node's previous session yet");
                     None
@@ -862,11 +862,9 @@ impl MetaNode {
                 );
                 return;
             }
-            let Some(old) = live else {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            };
-            if !told {
+            if let Some(old) = live
+                && !told
+            {
                 tracing::info!(
                     session = old,
                     "waiting for this node's previous session to expire before opening a new one"
@@ -884,6 +882,15 @@ impl MetaNode {
     /// The current session state (watch it to learn of a lost session).
     pub fn session(&self) -> watch::Receiver<SessionState> {
         self.session_tx.subscribe()
+    }
+
+    /// The session this process holds or last held, lease valid or not (`None` before the
+    /// first one opened).
+    pub fn session_id(&self) -> Option<SessionId> {
+        match *self.session_tx.borrow() {
+            SessionState::Live { id, .. } | SessionState::Lost { previous: id } => Some(id),
+            SessionState::Opening => None,
+        }
     }
 
     /// The live session id, if the lease is currently valid.

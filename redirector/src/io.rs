@@ -71,12 +71,7 @@ fn epoch_of(id: u64) -> u64 {
 
 /// The first request id of a process: a random 24-bit epoch, counter 1.
 fn first_request_id() -> u64 {
-    use std::hash::BuildHasher;
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let epoch = std::collections::hash_map::RandomState::new().hash_one(seed) & 0xff_ffff;
+    let epoch: u64 = rand::random_range(0..1 << 24);
     (epoch << EPOCH_SHIFT) | 1
 }
 

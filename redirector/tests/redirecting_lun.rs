@@ -240,6 +240,11 @@ async fn disk_block(c: &Cluster, idx: u64) -> Bytes {
     c.disk.read_at(idx * BLOCK as u64, BLOCK).await.unwrap()
 }
 
+/// Waits until node 1 has no unresolved ghost and no rewrite in flight.
+async fn ledger_idle(c: &Cluster, limit: Duration) {
+    eventually(limit, "ledger idle", async || c.lun(1).ghosts() == (0, 0)).await;
+}
+
 /// Polls `cond` on the paused clock until it holds, failing after `limit` of virtual time.
 async fn eventually(limit: Duration, what: &str, mut cond: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + limit;
@@ -360,10 +365,7 @@ async fn a_hung_write_is_reissued_and_its_late_landing_never_shows_old_data() {
         assert_eq!(tag(&c.lun(1).read_at(0, BLOCK).await.unwrap()), Some(3));
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    eventually(Duration::from_secs(2), "ledger idle", async || {
-        c.lun(1).ghosts() == (0, 0)
-    })
-    .await;
+    ledger_idle(&c, Duration::from_secs(2)).await;
     assert_eq!(tag(&disk_block(&c, 0).await), Some(3));
     assert_eq!(tag(&c.lun(2).read_at(0, BLOCK).await.unwrap()), Some(3));
     let s = c.lun(1).stats();
@@ -517,10 +519,7 @@ async fn a_dead_peers_stuck_write_landing_after_the_io_timeout_never_rolls_back_
     c.net.set(first, PeerFault::Killed);
     // ... node 1 never reads it, and after the drain time the ledger restores the newest data.
     assert_eq!(tag(&c.lun(1).read_at(0, BLOCK).await.unwrap()), Some(3));
-    eventually(Duration::from_secs(2), "ledger idle", async || {
-        c.lun(1).ghosts() == (0, 0)
-    })
-    .await;
+    ledger_idle(&c, Duration::from_secs(2)).await;
     assert_eq!(tag(&disk_block(&c, 0).await), Some(3));
     assert_eq!(tag(&c.lun(other).read_at(0, BLOCK).await.unwrap()), Some(3));
     let s = c.lun(1).stats();
@@ -542,10 +541,7 @@ async fn a_live_peer_out_of_reach_keeps_its_stuck_write_unresolved_until_it_sett
     // Reachable again: the stuck write executes (rolling the LUN back), the peer settles it,
     // and the ledger restores the newest data.
     c.net.set(first, PeerFault::None);
-    eventually(Duration::from_secs(3), "ledger idle", async || {
-        c.lun(1).ghosts() == (0, 0)
-    })
-    .await;
+    ledger_idle(&c, Duration::from_secs(3)).await;
     assert_eq!(tag(&disk_block(&c, 0).await), Some(3));
     assert_eq!(tag(&c.lun(other).read_at(0, BLOCK).await.unwrap()), Some(3));
     assert_eq!(tag(&c.lun(first).read_at(0, BLOCK).await.unwrap()), Some(3));
@@ -593,10 +589,7 @@ async fn many_writes_lost_at_one_peer_share_one_settle_at_a_time() {
     // The path resumes: the stuck writes land, one settle answers for all eight, and the
     // ledger restores the newest data.
     c.fault(first).release();
-    eventually(Duration::from_secs(5), "ledger idle", async || {
-        c.lun(1).ghosts() == (0, 0)
-    })
-    .await;
+    ledger_idle(&c, Duration::from_secs(5)).await;
     for i in 0..8u64 {
         assert_eq!(tag(&disk_block(&c, i).await), Some(3), "block {i}");
     }
@@ -1107,10 +1100,7 @@ async fn random_faults_run(seed: u64) {
     nemesis.await.unwrap();
     refresher.abort();
     // Once everything resolved, the LUN itself holds every last acknowledged write.
-    eventually(Duration::from_secs(30), "ledger idle", async || {
-        c.lun(1).ghosts() == (0, 0)
-    })
-    .await;
+    ledger_idle(&c, Duration::from_secs(30)).await;
     let s = c.lun(1).stats();
     eprintln!("seed {seed}: {s:?}");
     for (idx, (w, seq)) in expected {
