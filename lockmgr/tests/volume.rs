@@ -34,6 +34,7 @@ fn cluster(blocks: u64) -> (InProcessCluster, Arc<MemLun>) {
 fn cfg() -> VolumeConfig {
     VolumeConfig {
         reserve_chunk_bytes: 64 * BS,
+        placement_bytes: 16 * BS,
         commit_delay: Duration::from_millis(1),
         lock_wait: Duration::from_secs(5),
         break_holdoff: Duration::from_millis(1),
@@ -119,6 +120,61 @@ async fn another_node_reads_exactly_what_was_fsynced_and_writers_ping_pong() {
     let size = a.getattr(ino).await.unwrap().size as usize;
     assert_eq!(&fa.read(0, size).await.unwrap()[..], &model[..size]);
     assert_eq!(&fb.read(0, size).await.unwrap()[..], &model[..size]);
+    fsck(&c);
+}
+
+#[tokio::test]
+async fn new_blocks_sit_where_file_and_lun_offsets_agree_modulo_the_placement_unit() {
+    // The data area starts at block 1: without placement a file's block 0 would land
+    // there, one block off every 16-block unit (cfg's placement_bytes).
+    let (c, lun) = cluster(2048);
+    let (v, _) = node(&c, 1, &lun).await;
+    let unit = cfg().placement_bytes / BS;
+    let ino = mkfile(&v, "disk").await;
+    let (f, _) = v.open_file(ino, true).await.unwrap();
+    // Sequential writes of a unit each, then writes that start mid-unit.
+    for u in 0..4u64 {
+        f.write(
+            u * unit * BS,
+            Bytes::from(vec![u as u8 + 1; (unit * BS) as usize]),
+        )
+        .await
+        .unwrap();
+    }
+    f.write(
+        9 * unit * BS + 5 * BS,
+        Bytes::from(vec![9; 3 * BS as usize]),
+    )
+    .await
+    .unwrap();
+    // A small file in between must not shift the next file's placement.
+    let small = mkfile(&v, "small").await;
+    let (s, _) = v.open_file(small, true).await.unwrap();
+    s.write(0, Bytes::from(vec![7; 100])).await.unwrap();
+    let other = mkfile(&v, "other").await;
+    let (o, _) = v.open_file(other, true).await.unwrap();
+    o.write(0, Bytes::from(vec![8; (2 * unit * BS) as usize]))
+        .await
+        .unwrap();
+    for h in [&f, &s, &o] {
+        h.fsync().await.unwrap();
+    }
+    for i in [ino, other] {
+        let extents = c.read(|st| st.extents(i, 0, u64::MAX)).unwrap();
+        assert!(!extents.is_empty());
+        for e in &extents {
+            assert_eq!(
+                e.lun_block % unit,
+                e.file_block % unit,
+                "ino {i}: {e:?} is not placed"
+            );
+        }
+    }
+    // One extent for the four sequential units: placement keeps them contiguous.
+    let first = c.read(|st| st.extents(ino, 0, 4 * unit)).unwrap();
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(&f.read(unit * BS, 4).await.unwrap()[..], &[2; 4]);
+    assert_eq!(&o.read(0, 4).await.unwrap()[..], &[8; 4]);
     fsck(&c);
 }
 

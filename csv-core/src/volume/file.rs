@@ -19,6 +19,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::{OwnedRwLockReadGuard, RwLock, broadcast};
 
 use super::extents::{ExtentMap, Run, RunKind};
+use super::reserve::Placement;
 use super::{
     Applied, Consistency, MetaAnswer, MetaClientError, MetaQuery, Shared, VolumeError,
     VolumeResult, WeakShared, answer, lock, now,
@@ -743,7 +744,9 @@ impl Shared {
             .map(|r| r.len)
             .sum();
         let mut fresh = if holes > 0 {
-            self.take_blocks(holes).await?
+            let first_hole = runs.iter().find(|r| r.kind == RunKind::Hole);
+            self.take_blocks(holes, first_hole.map(|r| r.file_block))
+                .await?
         } else {
             Vec::new()
         };
@@ -864,29 +867,55 @@ impl Shared {
         Ok(())
     }
 
-    /// Takes `n` blocks from this node's reservation, reserving more when needed.
-    async fn take_blocks(&self, n: u64) -> VolumeResult<Vec<BlockRange>> {
+    /// Takes `n` blocks from this node's reservation, reserving more when needed. They go
+    /// where file block `first` belongs (`VolumeConfig::placement_bytes`) if the
+    /// reservation has room there, or gets it from one more chunk while it holds less than
+    /// a chunk (a run of sequential writes reaching the end of its chunk); otherwise
+    /// anywhere.
+    async fn take_blocks(&self, n: u64, first: Option<u64>) -> VolumeResult<Vec<BlockRange>> {
+        let unit = self.cfg.placement_bytes / self.bs;
+        let place = first.filter(|_| unit > 1).map(|fb| Placement {
+            unit,
+            phase: fb % unit,
+        });
+        let chunk = (self.cfg.reserve_chunk_bytes / self.bs).max(1);
+        // Until one refill was tried for it, a placed take takes placed blocks only.
+        let mut placed_only = place.is_some();
         loop {
             let session = self.meta.session().ok_or(VolumeError::Fenced)?;
-            if let Some(r) = lock(&self.reserve).take(session, n) {
+            let take = |placed_only: bool| {
+                let mut pool = lock(&self.reserve);
+                match place {
+                    Some(p) if placed_only => pool.take_placed(session, n, p),
+                    _ => pool.take(session, n, place),
+                }
+            };
+            if let Some(r) = take(placed_only) {
                 return Ok(r);
             }
             let _g = self.refill.lock().await;
+            // Another writer may have refilled the pool meanwhile.
+            if let Some(r) = take(placed_only) {
+                return Ok(r);
+            }
             let have = lock(&self.reserve).available(session);
-            if have >= n {
+            if have >= n && (!placed_only || have >= chunk) {
+                placed_only = false;
                 continue;
             }
-            let chunk = (self.cfg.reserve_chunk_bytes / self.bs).max(1);
-            let want = (n - have).max(chunk);
-            match self
+            let want = n.saturating_sub(have).max(chunk);
+            let reserved = self
                 .meta
                 .submit(Op::Reserve {
                     session,
                     blocks: want,
                 })
-                .await
-            {
+                .await;
+            placed_only = false;
+            match reserved {
                 Ok(Response::Reserved(ranges)) => lock(&self.reserve).add(session, &ranges),
+                // Placement is a preference: without more space, what the pool holds will do.
+                Err(_) if have >= n => {}
                 Ok(other) => {
                     return Err(VolumeError::Unavailable(MetaClientError::Protocol(
                         format!("Reserve answered {other:?}"),

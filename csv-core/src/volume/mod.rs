@@ -58,6 +58,12 @@ use reserve::ReservePool;
 pub struct VolumeConfig {
     /// How many bytes to reserve at a time for new data.
     pub reserve_chunk_bytes: u64,
+    /// New blocks are placed so that a file offset and its LUN offset agree modulo this
+    /// many bytes, where the node's reserved space allows (0 or one block: anywhere).
+    /// Whole aligned units of a file then sit on whole aligned units of the LUN: a
+    /// buffered LUN caches each in one large page-cache folio (a 1 MiB write 4 KiB off
+    /// alignment took 9 folio steps instead of one), and an array's stripes line up.
+    pub placement_bytes: u64,
     /// Written data is committed at most this long after the write (or at fsync/close).
     pub commit_delay: Duration,
     /// How long an operation waits for a data lock another node holds.
@@ -74,6 +80,7 @@ impl Default for VolumeConfig {
     fn default() -> Self {
         VolumeConfig {
             reserve_chunk_bytes: 32 << 20,
+            placement_bytes: 1 << 20,
             commit_delay: Duration::from_millis(10),
             lock_wait: Duration::from_secs(60),
             break_holdoff: Duration::from_millis(20),

@@ -9,6 +9,19 @@ use std::collections::BTreeMap;
 
 use crate::meta::{BlockRange, SessionId};
 
+/// Where new blocks should start: at a LUN block congruent to `phase` modulo `unit`.
+/// The volume asks for the file block's own phase, so that the file's offsets and the
+/// LUN's agree modulo the unit (see `VolumeConfig::placement_bytes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    pub unit: u64,
+    pub phase: u64,
+}
+
+/// How many of the pool's lowest ranges a placed allocation looks at before it settles
+/// for the lowest fit.
+const PLACEMENT_SCAN: usize = 64;
+
 /// Free blocks reserved to this node's session (disjoint, coalesced ranges).
 #[derive(Debug, Default)]
 pub struct ReservePool {
@@ -69,11 +82,20 @@ impl ReservePool {
     }
 
     /// Takes exactly `n` blocks (as few ranges as possible, lowest first), or nothing
-    /// if fewer are available.
-    pub fn take(&mut self, session: SessionId, n: u64) -> Option<Vec<BlockRange>> {
+    /// if fewer are available. With a [`Placement`], one range of `n` blocks that starts
+    /// where the placement asks comes first, if one of the lowest ranges has room for it.
+    pub fn take(
+        &mut self,
+        session: SessionId,
+        n: u64,
+        place: Option<Placement>,
+    ) -> Option<Vec<BlockRange>> {
         self.check_session(session);
         if n > self.total {
             return None;
+        }
+        if let Some(r) = place.and_then(|p| self.take_placed(session, n, p)) {
+            return Some(r);
         }
         if let Some((&s, _)) = self.ranges.iter().find(|&(_, &l)| l >= n) {
             self.remove(s, n);
@@ -92,6 +114,51 @@ impl ReservePool {
             self.remove(s, take);
         }
         Some(out)
+    }
+
+    /// Takes `n` blocks in one range that starts where `place` asks, or nothing.
+    pub fn take_placed(
+        &mut self,
+        session: SessionId,
+        n: u64,
+        place: Placement,
+    ) -> Option<Vec<BlockRange>> {
+        self.check_session(session);
+        let start = self.placed(place, n)?;
+        self.cut(start, n);
+        Some(vec![BlockRange { start, len: n }])
+    }
+
+    /// The lowest start `s ≡ phase (mod unit)` with `[s, s + n)` inside one range, among
+    /// the first [`PLACEMENT_SCAN`] ranges (a pool cut into many small pieces is not
+    /// searched end to end for every allocation).
+    fn placed(&self, p: Placement, n: u64) -> Option<u64> {
+        if p.unit <= 1 {
+            return None;
+        }
+        self.ranges
+            .iter()
+            .take(PLACEMENT_SCAN)
+            .find_map(|(&start, &len)| {
+                let s = start + (p.phase % p.unit + p.unit - start % p.unit) % p.unit;
+                (s + n <= start + len).then_some(s)
+            })
+    }
+
+    /// Removes `[start, start + len)`, which lies inside one range, keeping both ends.
+    fn cut(&mut self, start: u64, len: u64) {
+        let Some((&rs, &rl)) = self.ranges.range(..=start).next_back() else {
+            return;
+        };
+        debug_assert!(start + len <= rs + rl, "cut outside its range");
+        self.ranges.remove(&rs);
+        if start > rs {
+            self.ranges.insert(rs, start - rs);
+        }
+        if rs + rl > start + len {
+            self.ranges.insert(start + len, rs + rl - start - len);
+        }
+        self.total -= len;
     }
 
     fn remove(&mut self, start: u64, len: u64) {
@@ -133,20 +200,67 @@ mod tests {
                 },
             ],
         );
-        assert_eq!(p.take(1, 8), Some(vec![BlockRange { start: 100, len: 8 }]));
+        assert_eq!(
+            p.take(1, 8, None),
+            Some(vec![BlockRange { start: 100, len: 8 }])
+        );
         assert_eq!(p.available(1), 6);
         assert_eq!(
-            p.take(1, 6),
+            p.take(1, 6, None),
             Some(vec![
                 BlockRange { start: 10, len: 4 },
                 BlockRange { start: 108, len: 2 }
             ])
         );
-        assert_eq!(p.take(1, 1), None);
+        assert_eq!(p.take(1, 1, None), None);
         p.give_back(1, &[BlockRange { start: 10, len: 2 }]);
         p.give_back(1, &[BlockRange { start: 12, len: 2 }]);
-        assert_eq!(p.take(1, 4), Some(vec![BlockRange { start: 10, len: 4 }]));
+        assert_eq!(
+            p.take(1, 4, None),
+            Some(vec![BlockRange { start: 10, len: 4 }])
+        );
         p.add(1, &[BlockRange { start: 1, len: 1 }]);
         assert_eq!(p.available(2), 0);
+    }
+
+    #[test]
+    fn a_placed_take_starts_at_its_phase_and_keeps_what_it_skipped() {
+        let mut p = ReservePool::default();
+        p.add(
+            7,
+            &[BlockRange {
+                start: 1,
+                len: 1000,
+            }],
+        );
+        let at = |phase| Some(Placement { unit: 256, phase });
+        let one = |start, len| Some(vec![BlockRange { start, len }]);
+        // File block 0 of a 1 MiB write lands on LUN block 256, not 1.
+        assert_eq!(p.take(7, 256, at(0)), one(256, 256));
+        // The next MiB of the file follows on.
+        assert_eq!(p.take(7, 256, at(256)), one(512, 256));
+        assert_eq!(p.available(7), 1000 - 512);
+        // The blocks skipped before 256 serve their own phases.
+        assert_eq!(p.take(7, 3, at(5)), one(5, 3));
+        // No room at the phase anywhere: the lowest fit, as without a placement.
+        assert_eq!(
+            p.take(7, 300, at(0)),
+            Some(vec![
+                BlockRange { start: 1, len: 4 },
+                BlockRange { start: 8, len: 248 },
+                BlockRange {
+                    start: 768,
+                    len: 48
+                },
+            ])
+        );
+        assert_eq!(p.available(7), 1000 - 512 - 3 - 300);
+        // A unit of one block places nothing.
+        let mut q = ReservePool::default();
+        q.add(7, &[BlockRange { start: 3, len: 10 }]);
+        assert_eq!(
+            q.take(7, 2, Some(Placement { unit: 1, phase: 0 })),
+            one(3, 2)
+        );
     }
 }
