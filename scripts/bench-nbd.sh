@@ -31,8 +31,16 @@ if [ "$cc" != host ] && [ -z "${CSVD_BENCH_NETNS:-}" ]; then
     echo "not root: running in the host's network (as BENCH_CC=host)" >&2
   else
     ns=csvd-bench-$$
+    # A namespace may only pick a congestion control the host allows: a host whose
+    # default is bbr allows "reno bbr" alone. Add ours for the run, then restore the list.
+    allowed_key=net.ipv4.tcp_allowed_congestion_control
+    allowed=$(sysctl -n $allowed_key)
+    case " $allowed " in
+      *" $cc "*) allowed= ;;
+      *) sysctl -qw "$allowed_key=$allowed $cc" ;;
+    esac
     ip netns add "$ns"
-    trap 'ip netns del "$ns" 2>/dev/null || true' EXIT
+    trap 'ip netns del "$ns" 2>/dev/null || true; [ -z "$allowed" ] || sysctl -qw "$allowed_key=$allowed"' EXIT
     ip -n "$ns" link set lo up
     ip netns exec "$ns" sysctl -qw "net.ipv4.tcp_congestion_control=$cc"
     rc=0

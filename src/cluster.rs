@@ -327,6 +327,7 @@ pub async fn up(opts: &UpOptions, children: &mut Children) -> anyhow::Result<Clu
             raft: opts.raft.clone(),
             session: opts.session.clone(),
             redirector: opts.redirector.clone(),
+            nbd: Default::default(),
             log: "info,openraft=error".into(),
         };
         if id == 1 {

@@ -64,6 +64,8 @@ pub struct NodeConfig {
     /// The I/O redirector (SAN path failover to peers over the LAN).
     #[serde(default)]
     pub redirector: RedirectorSection,
+    #[serde(default)]
+    pub nbd: NbdSection,
     /// Log filter (`info`, `debug`, `csvd=debug,openraft=warn`, ...).
     #[serde(default = "default_log")]
     pub log: String,
@@ -132,6 +134,15 @@ impl Default for SessionConfig {
     fn default() -> Self {
         SessionConfig { ttl_ms: 10_000 }
     }
+}
+
+/// `[nbd]`: how this node's NBD server answers.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NbdSection {
+    /// Send large READs of cached data with `splice(2)` instead of copying them (see
+    /// `nbd_backend::ServerConfig::splice_reads`; README, "Large reads are copied").
+    pub splice_reads: bool,
 }
 
 /// `[redirector]`: how this node detects a bad SAN path, redirects its I/O to a peer, and

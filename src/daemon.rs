@@ -123,7 +123,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
 
     let nbd = match step(
         "start the NBD server",
-        crate::exports::start(&node, &volume, cfg.listen.nbd),
+        crate::exports::start(&node, &volume, cfg.listen.nbd, &cfg.nbd),
     )
     .await
     {

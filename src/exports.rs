@@ -156,6 +156,7 @@ pub async fn start(
     node: &Arc<MetaNode>,
     volume: &Volume,
     addr: std::net::SocketAddr,
+    section: &crate::config::NbdSection,
 ) -> anyhow::Result<NbdService> {
     let meta: Arc<dyn MetaClient> = Arc::new(NodeMeta::new(node.clone()));
     let exports = VolumeExports::new(volume.clone(), meta, ExportsConfig::default());
@@ -166,7 +167,10 @@ pub async fn start(
         .context("cannot start the NBD server's runtime")?;
     let server = NbdServer::new(
         Arc::new(exports.clone()) as Arc<dyn ExportProvider>,
-        ServerConfig::default(),
+        ServerConfig {
+            splice_reads: section.splice_reads,
+            ..ServerConfig::default()
+        },
         Some(Arc::new(exports.clone()) as Arc<dyn ConnectionEvents>),
     );
     let s = server.clone();

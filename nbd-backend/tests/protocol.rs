@@ -526,12 +526,27 @@ async fn non_fixed_client_with_export_name_gets_padded_reply() {
     g.server.shutdown().await;
 }
 
-/// Large reads of cached data go out as spliced pipes; the client sees the same bytes, in
-/// reply order, as for copied reads (small, unaligned past a pipe's pages, or past a write).
+/// With `splice_reads`, large reads of cached data go out as spliced pipes; the client sees
+/// the same bytes, in reply order, as for copied reads (small, unaligned past a pipe's
+/// pages, or past a write).
 #[tokio::test]
-async fn large_cached_reads_are_spliced_and_read_back_intact_between_copied_replies() {
+async fn large_cached_reads_are_spliced_when_enabled_and_read_back_intact_between_copied_replies() {
+    let config = ServerConfig {
+        splice_reads: true,
+        ..quick()
+    };
+    cached_reads_come_back_intact(config, 2).await;
+}
+
+/// By default nothing is spliced: the same reads all go out copied.
+#[tokio::test]
+async fn large_cached_reads_are_copied_by_default() {
+    cached_reads_come_back_intact(quick(), 0).await;
+}
+
+async fn cached_reads_come_back_intact(config: ServerConfig, want_spliced: usize) {
     const DISK: u64 = 4 << 20;
-    let g = gated_server_sized(quick(), DISK);
+    let g = gated_server_sized(config, DISK);
     g.gate.add_permits(1 << 20);
     let (sock, spliced) = (g.sock.clone(), g.spliced.clone());
 
@@ -568,8 +583,8 @@ async fn large_cached_reads_are_spliced_and_read_back_intact_between_copied_repl
     assert_eq!(seen, [10, 11, 12, 13]);
     assert_eq!(
         spliced.load(Ordering::Relaxed),
-        2,
-        "the two page-aligned 1 MiB reads are spliced, the others copied"
+        want_spliced,
+        "with splicing on, the two page-aligned 1 MiB reads are spliced, the others copied"
     );
     g.server.shutdown().await;
     g.accept.abort();
