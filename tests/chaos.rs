@@ -900,9 +900,13 @@ async fn run_valid(o: &ChaosOptions, keep: &Path) -> Report {
 /// The length of the SAN path and partition runs, in seconds.
 const LAN_SAN_RUN_S: f64 = 30.0;
 
-/// Leader cuts at least this long are the likeliest to end with a new leader (see the
-/// assertions in `partition_run`); the seed has two of them.
-const LEADER_CUT_ELECTS_S: f64 = 3.0;
+/// A leader cut at least this long must see the others start an election (see the
+/// assertions in `partition_run`); the seed has two of them. openraft 0.9's longest wait
+/// before a follower's first vote is the old leader's lease (election_timeout_max, 0.8 s)
+/// plus an election timeout (up to 0.8 s) plus, for a voter that saw a longer log, twice
+/// election_timeout_max (1.6 s): 3.2 s, and 1 s more for ticks on two busy cores. (At 3.0 s a
+/// 3.54 s cut once healed with no new term on a slower machine.)
+const LEADER_CUT_ELECTS_S: f64 = 4.2;
 
 /// Longer faults than CI's default shape: a hung path is detected after the redirector's
 /// 1 s I/O timeout, and a partition outlasts an election.
@@ -917,22 +921,31 @@ fn lan_san_shape() -> ScheduleShape {
     }
 }
 
-/// The first seed from 1 whose schedule of `run_s` seconds holds every kind of `kinds`
+/// The partition runs' shape: faults long enough for leader cuts that must elect.
+fn partition_shape() -> ScheduleShape {
+    ScheduleShape {
+        max_fault_s: 5.5,
+        ..lan_san_shape()
+    }
+}
+
+/// The first seed from 1 whose schedule (`shape`) of `run_s` seconds holds every kind of `kinds`
 /// with 6 s to spare before the quiet tail (a fault starts late while the cluster
 /// recovers from the previous one: a node whose SAN path failed again soon after failing
 /// back needs up to 8 s of healthy probes), and satisfies `also`.
 fn seed_with(
     run_s: f64,
     kinds: &[FaultKind],
+    shape: ScheduleShape,
     also: impl Fn(&[schedule::PlannedFault]) -> bool,
 ) -> u64 {
     (1u64..)
         .find(|&s| {
-            let p = schedule::plan(s, &[1, 2, 3], run_s, kinds, lan_san_shape());
+            let p = schedule::plan(s, &[1, 2, 3], run_s, kinds, shape);
             // Each kind must be planned early enough to survive the waits for recovery
             // before each fault (a node failing back to direct I/O takes seconds; under
             // load one wait reached 3.7 s and pushed a late fault past the end).
-            let slack = run_s - lan_san_shape().tail_s - 12.0;
+            let slack = run_s - shape.tail_s - 12.0;
             kinds.iter().all(|k| {
                 p.iter()
                     .any(|f| f.kind == *k && f.at_s + f.duration_s <= slack)
@@ -951,7 +964,7 @@ fn via_peers(detail: &str) -> Option<u64> {
 async fn san_path_faults_are_ridden_out_by_the_redirector_and_the_run_is_valid() {
     let _one = SERIAL.lock().await;
     let kinds = [FaultKind::SanDown, FaultKind::SanHang, FaultKind::SanFlaky];
-    let seed = seed_with(LAN_SAN_RUN_S, &kinds, |_| true);
+    let seed = seed_with(LAN_SAN_RUN_S, &kinds, lan_san_shape(), |_| true);
     eprintln!("chaos seed {seed}");
     let dir = tempfile::tempdir().unwrap();
     let keep = dir.path().join("cluster");
@@ -989,7 +1002,7 @@ async fn partition_run(workloads: &[WorkloadKind]) {
     let _one = SERIAL.lock().await;
     use csvd::chaos::nemesis::PartitionShape;
     let kinds = [FaultKind::Partition];
-    let seed = seed_with(LAN_SAN_RUN_S, &kinds, |p| {
+    let seed = seed_with(LAN_SAN_RUN_S, &kinds, partition_shape(), |p| {
         let shapes: BTreeSet<String> = p
             .iter()
             .map(|f| format!("{:?}", PartitionShape::of(f, 3)))
@@ -1010,7 +1023,7 @@ async fn partition_run(workloads: &[WorkloadKind]) {
     o.duration = Duration::from_secs_f64(LAN_SAN_RUN_S);
     o.faults = kinds.to_vec();
     o.workloads = workloads.to_vec();
-    o.shape = lan_san_shape();
+    o.shape = partition_shape();
     let report = run_valid(&o, &keep).await;
     for f in &report.faults {
         assert!(
@@ -1018,9 +1031,9 @@ async fn partition_run(workloads: &[WorkloadKind]) {
             "{f:?}"
         );
     }
-    // With the leader cut off for 3 s or more, the other two noticed and started electing (a
-    // term moved on), and in at least one cut they finished: a new leader by the heal. Not in
-    // every cut:
+    // With the leader cut off for LEADER_CUT_ELECTS_S or more, the other two noticed and
+    // started electing (a term moved on), and in at least one cut they finished: a new leader
+    // by the heal. Not in every cut:
     // openraft 0.9 waits out the old leader's lease (0.8 s) plus an election timeout (0.4-0.8 s)
     // before its first vote, a voter that saw a longer log waits 1.6 s more, and a split vote
     // costs another round, so a 2-4 s cut can heal first (seen in CI on two busy cores, with a
