@@ -4,10 +4,9 @@
 //! payloads, validates them and polls each request once; a request that completes there has
 //! its reply batched (sent to the writer before the reader may wait, and as soon as the batch
 //! holds a MiB, after which the reader yields so that the writer sends it at once), the
-//! others continue on
-//! their own task; one writer task serialises reply frames in completion order (out-of-order
-//! replies), several per `writev`. `max_in_flight` slots and a payload byte
-//! budget give back-pressure. Invariants:
+//! others continue on their own task; one writer task serialises reply frames in completion
+//! order (out-of-order replies), several per `writev`. `max_in_flight` slots and a payload
+//! byte budget give back-pressure. Invariants:
 //! * every request gets exactly one reply frame, except DISC (none); a WRITE's payload is always
 //!   consumed (drained on error) before the next header is read;
 //! * with simple replies a READ's I/O completes before its header is sent (no header-then-error);

@@ -435,14 +435,20 @@ async fn paused_io_resumes_without_errors_when_a_path_returns_within_the_bound()
     }
 }
 
+/// Node 1 loses its SAN path and writes block 0 (tag 1) through a peer; returns that peer.
+async fn redirect_node1(c: &Cluster) -> NodeId {
+    c.fault(1).fail_all(OpSet::ALL, FaultError::PathUnreachable);
+    c.lun(1).write_at(0, block(1), false).await.unwrap();
+    let Mode::Redirected { peer, .. } = c.lun(1).mode() else {
+        panic!("not redirected: {:?}", c.lun(1).mode())
+    };
+    peer
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_redirect_peer_that_dies_mid_io_is_replaced_and_nothing_is_lost() {
     let c = Cluster::new(3, Arc::new(NoFence));
-    c.fault(1).fail_all(OpSet::ALL, FaultError::PathUnreachable);
-    c.lun(1).write_at(0, block(1), false).await.unwrap();
-    let Mode::Redirected { peer: first, .. } = c.lun(1).mode() else {
-        panic!()
-    };
+    let first = redirect_node1(&c).await;
     let other = if first == 2 { 3 } else { 2 };
     // The peer hangs with writes inside, then dies: they are lost unexecuted.
     c.net.set(first, PeerFault::Hang);
@@ -481,11 +487,7 @@ async fn a_redirect_peer_that_dies_mid_io_is_replaced_and_nothing_is_lost() {
 /// times out and is re-issued through the other peer; then the first peer's connection is cut.
 /// Returns (first peer, other peer).
 async fn strand_a_write_at_a_peer(c: &Cluster) -> (NodeId, NodeId) {
-    c.fault(1).fail_all(OpSet::ALL, FaultError::PathUnreachable);
-    c.lun(1).write_at(0, block(1), false).await.unwrap();
-    let Mode::Redirected { peer: first, .. } = c.lun(1).mode() else {
-        panic!("not redirected: {:?}", c.lun(1).mode())
-    };
+    let first = redirect_node1(c).await;
     let other = if first == 2 { 3 } else { 2 };
     c.net.set(first, PeerFault::Hang);
     c.lun(1).write_at(0, block(2), false).await.unwrap();
@@ -552,11 +554,7 @@ async fn a_live_peer_out_of_reach_keeps_its_stuck_write_unresolved_until_it_sett
 #[tokio::test(start_paused = true)]
 async fn many_writes_lost_at_one_peer_share_one_settle_at_a_time() {
     let c = Cluster::new(3, Arc::new(NoFence));
-    c.fault(1).fail_all(OpSet::ALL, FaultError::PathUnreachable);
-    c.lun(1).write_at(0, block(1), false).await.unwrap();
-    let Mode::Redirected { peer: first, .. } = c.lun(1).mode() else {
-        panic!("not redirected: {:?}", c.lun(1).mode())
-    };
+    let first = redirect_node1(&c).await;
     // Eight writes get stuck in the peer's own hung path, time out and go elsewhere; then the
     // connection is lost, so all eight answers are lost.
     c.fault(first).hang();
