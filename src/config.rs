@@ -140,9 +140,36 @@ impl Default for SessionConfig {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NbdSection {
-    /// Send large READs of cached data with `splice(2)` instead of copying them (see
-    /// `nbd_backend::ServerConfig::splice_reads`; README, "Large reads are copied").
+    /// How large READs of cached data go out: `map` (the default), `copy` or `splice` (see
+    /// `nbd_backend::ReadPath`; README, "Large reads are sent from a mapping of the LUN").
+    pub reads: NbdReads,
+    /// The earlier spelling of `reads = "splice"` (kept so that such configs still load).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub splice_reads: bool,
+}
+
+impl NbdSection {
+    /// The read path the server runs with.
+    pub fn read_path(&self) -> nbd_backend::ReadPath {
+        if self.splice_reads {
+            return nbd_backend::ReadPath::Splice;
+        }
+        match self.reads {
+            NbdReads::Map => nbd_backend::ReadPath::Map,
+            NbdReads::Copy => nbd_backend::ReadPath::Copy,
+            NbdReads::Splice => nbd_backend::ReadPath::Splice,
+        }
+    }
+}
+
+/// `[nbd] reads`: see [`nbd_backend::ReadPath`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NbdReads {
+    #[default]
+    Map,
+    Copy,
+    Splice,
 }
 
 /// `[redirector]`: how this node detects a bad SAN path, redirects its I/O to a peer, and
@@ -371,6 +398,25 @@ bootstrap = true
         assert!(err.to_string().contains("pause_bound_ms"), "{err}");
         let text = format!("{}\n[redirector]\nio_timeot_ms = 5\n", minimal());
         assert!(toml::from_str::<NodeConfig>(&text).is_err());
+    }
+
+    #[test]
+    fn nbd_reads_default_to_the_mapping_and_take_each_path_by_name() {
+        let cfg: NodeConfig = toml::from_str(minimal()).unwrap();
+        assert_eq!(cfg.nbd.read_path(), nbd_backend::ReadPath::Map);
+        for (text, want) in [
+            ("reads = \"copy\"", nbd_backend::ReadPath::Copy),
+            ("reads = \"splice\"", nbd_backend::ReadPath::Splice),
+            ("reads = \"map\"", nbd_backend::ReadPath::Map),
+            ("splice_reads = true", nbd_backend::ReadPath::Splice),
+        ] {
+            let cfg: NodeConfig =
+                toml::from_str(&format!("{}\n[nbd]\n{text}\n", minimal())).unwrap();
+            assert_eq!(cfg.nbd.read_path(), want, "{text}");
+        }
+        let text = format!("{}\n[nbd]\nreads = \"mmap\"\n", minimal());
+        let err = toml::from_str::<NodeConfig>(&text).unwrap_err();
+        assert!(err.to_string().contains("mmap"), "{err}");
     }
 
     #[test]

@@ -168,7 +168,7 @@ pub async fn start(
     let server = NbdServer::new(
         Arc::new(exports.clone()) as Arc<dyn ExportProvider>,
         ServerConfig {
-            splice_reads: section.splice_reads,
+            reads: section.read_path(),
             ..ServerConfig::default()
         },
         Some(Arc::new(exports.clone()) as Arc<dyn ConnectionEvents>),

@@ -181,8 +181,8 @@ async fn qemu_nbd_tools_and_fio_work_against_volume_exports_on_any_node() {
     assert!(out.contains("err= 0"), "{out}");
 
     // 1 MiB blocks written through node 2, verified through both nodes (large reads are
-    // copied; the spliced path, `[nbd] splice_reads`, is tested in nbd-backend's protocol
-    // tests).
+    // sent from the LUN's mapping, the default; the copied and spliced paths, `[nbd] reads`,
+    // are tested in nbd-backend's protocol tests).
     sized_file(&m1.join("vms/seq.img"), 32 << 20);
     let seq = |node: u64, extra: &str| {
         let out = run(

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
-use csv_core::lun::pipe::Pipe;
+use csv_core::lun::{Cached, ZeroCopy};
 use thiserror::Error;
 
 use crate::proto::{STATE_HOLE, STATE_ZERO};
@@ -41,10 +41,11 @@ pub trait BackingFile: Send + Sync + 'static {
     /// Current size in bytes.
     fn size(&self) -> u64;
     fn read_at(&self, offset: u64, len: usize) -> BoxFuture<'_, io::Result<Bytes>>;
-    /// `len` bytes at `offset` spliced into a pipe (no copy), when the backing can do that
-    /// right now without waiting for a device; `None`: use [`BackingFile::read_at`].
-    fn read_piped(&self, offset: u64, len: usize) -> BoxFuture<'_, Option<Pipe>> {
-        let _ = (offset, len);
+    /// `len` bytes at `offset` taken without a copy (spliced into a pipe or viewed in a
+    /// mapping, as `how` says), when the backing can do that right now without waiting for a
+    /// device; `None`: use [`BackingFile::read_at`].
+    fn read_cached(&self, offset: u64, len: usize, how: ZeroCopy) -> BoxFuture<'_, Option<Cached>> {
+        let _ = (offset, len, how);
         Box::pin(async { None })
     }
     fn write_at(&self, offset: u64, data: Bytes) -> BoxFuture<'_, io::Result<()>>;
@@ -134,10 +135,11 @@ pub trait BlockDevice: Send + Sync + 'static {
         true
     }
     fn read(&self, offset: u64, len: u32) -> BoxFuture<'_, Result<Vec<ReadChunk>, DeviceError>>;
-    /// The whole range as data in a pipe, for a zero-copy reply (see [`BackingFile::read_piped`]);
-    /// `None`: use [`BlockDevice::read`]. Devices that decode a format never splice.
-    fn read_piped(&self, offset: u64, len: u32) -> BoxFuture<'_, Option<Pipe>> {
-        let _ = (offset, len);
+    /// The whole range as data taken without a copy, for a zero-copy reply (see
+    /// [`BackingFile::read_cached`]); `None`: use [`BlockDevice::read`]. Devices that decode a
+    /// format never do this.
+    fn read_cached(&self, offset: u64, len: u32, how: ZeroCopy) -> BoxFuture<'_, Option<Cached>> {
+        let _ = (offset, len, how);
         Box::pin(async { None })
     }
     fn write(&self, offset: u64, data: Bytes, fua: bool) -> BoxFuture<'_, Result<(), DeviceError>>;
@@ -311,8 +313,8 @@ impl BlockDevice for RawDevice {
         })
     }
 
-    fn read_piped(&self, offset: u64, len: u32) -> BoxFuture<'_, Option<Pipe>> {
-        self.backing.read_piped(offset, len as usize)
+    fn read_cached(&self, offset: u64, len: u32, how: ZeroCopy) -> BoxFuture<'_, Option<Cached>> {
+        self.backing.read_cached(offset, len as usize, how)
     }
 
     fn write(&self, offset: u64, data: Bytes, fua: bool) -> BoxFuture<'_, Result<(), DeviceError>> {
@@ -433,9 +435,17 @@ impl BackingFile for FileBacking {
         self.size.load(Ordering::Acquire)
     }
 
-    fn read_piped(&self, offset: u64, len: usize) -> BoxFuture<'_, Option<Pipe>> {
-        // Past the end of the file nothing is cached, so such a range is never spliced.
-        Box::pin(async move { csv_core::lun::pipe::splice_cached(&self.file, offset, len) })
+    fn read_cached(&self, offset: u64, len: usize, how: ZeroCopy) -> BoxFuture<'_, Option<Cached>> {
+        // Past the end of the file nothing is cached, so such a range is never spliced. A
+        // plain file can shrink under a mapping, so it is spliced only, never mapped.
+        Box::pin(async move {
+            match how {
+                ZeroCopy::Splice => {
+                    csv_core::lun::pipe::splice_cached(&self.file, offset, len).map(Cached::Pipe)
+                }
+                ZeroCopy::Map => None,
+            }
+        })
     }
 
     fn read_at(&self, offset: u64, len: usize) -> BoxFuture<'_, io::Result<Bytes>> {

@@ -26,4 +26,4 @@ pub use export::{
     BackingFile, BlockDevice, BoxFuture, DeviceError, ExportError, ExportProvider, Extent,
     FileBacking, OpenPurpose, RawDevice, ReadChunk, ZeroMode, device_for_file,
 };
-pub use server::{NbdServer, ServerConfig, ServerError};
+pub use server::{NbdServer, ReadPath, ServerConfig, ServerError};

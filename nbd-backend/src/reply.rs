@@ -1,10 +1,11 @@
 //! The reply side of a connection: frames of [`Part`]s, and the one task that writes them.
 //!
-//! A reply frame is a list of parts in wire order: bytes (headers, data read into memory), or
-//! data held in a [`Pipe`] as page-cache references (a READ served without copying, see
-//! [`csv_core::lun::pipe`]). The writer takes every frame already queued and writes them in
-//! order: runs of byte parts with one `writev` (small pieces copied into one staging buffer,
-//! payloads as they are), pipe parts with `splice(2)` into the socket.
+//! A reply frame is a list of parts in wire order: bytes (headers, data read into memory),
+//! data viewed in a mapping of the LUN ([`Mapped`], see [`csv_core::lun::mapped`]), or data
+//! held in a [`Pipe`] as page-cache references (see [`csv_core::lun::pipe`]). The writer
+//! takes every frame already queued and writes them in order: runs of byte and mapped parts
+//! with one `writev` (small pieces copied into one staging buffer, payloads and views as
+//! they are), pipe parts with `splice(2)` into the socket.
 //!
 //! Splicing needs the socket's descriptor: [`SpliceSocket`] is a duplicate of it, registered
 //! for write readiness only. Byte parts still go through the stream's write half; both write
@@ -17,6 +18,7 @@ use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use bytes::{Buf, Bytes, BytesMut};
+use csv_core::lun::mapped::Mapped;
 use csv_core::lun::pipe::Pipe;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncWrite, AsyncWriteExt, Interest};
@@ -34,6 +36,8 @@ const COPY_MAX: usize = 512;
 #[derive(Debug)]
 pub(crate) enum Part {
     Bytes(Bytes),
+    /// Data viewed in a mapping of the LUN: only `writev` reads it.
+    Mapped(Mapped),
     /// Data held in a pipe, spliced into the socket.
     Pipe(Pipe),
 }
@@ -42,6 +46,7 @@ impl Part {
     pub(crate) fn len(&self) -> usize {
         match self {
             Part::Bytes(b) => b.len(),
+            Part::Mapped(m) => m.len(),
             Part::Pipe(p) => p.len(),
         }
     }
@@ -181,7 +186,7 @@ impl ReplyQueue {
         w.flush().await
     }
 
-    /// One `writev` of the byte parts at the front (up to the first pipe).
+    /// One `writev` of the byte and mapped parts at the front (up to the first pipe).
     async fn writev<W: AsyncWrite + Unpin>(&mut self, w: &mut W) -> io::Result<()> {
         let iov: Vec<IoSlice<'_>> = self
             .parts
@@ -189,6 +194,7 @@ impl ReplyQueue {
             .take(MAX_IOV)
             .map_while(|p| match p {
                 Part::Bytes(b) => Some(IoSlice::new(b)),
+                Part::Mapped(m) => Some(m.io_slice()),
                 Part::Pipe(_) => None,
             })
             .collect();
@@ -199,14 +205,19 @@ impl ReplyQueue {
         }
         self.bytes = self.bytes.saturating_sub(n);
         while n > 0 {
-            let Some(Part::Bytes(front)) = self.parts.front_mut() else {
+            let Some(front) = self.parts.front_mut() else {
                 break;
             };
-            if n < front.len() {
-                front.advance(n);
+            let len = front.len();
+            if n < len {
+                match front {
+                    Part::Bytes(b) => b.advance(n),
+                    Part::Mapped(m) => m.advance(n),
+                    Part::Pipe(_) => unreachable!("writev wrote no pipe part"),
+                }
                 n = 0;
             } else {
-                n -= front.len();
+                n -= len;
                 self.parts.pop_front();
             }
         }

@@ -36,7 +36,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
 
 use csv_core::lun::bufpool::BufPool;
-use csv_core::lun::pipe::Pipe;
+use csv_core::lun::{Cached, ZeroCopy};
 
 use crate::connection::{Admission, ConnectionEvents, ConnectionHandle, ConnectionId};
 use crate::export::{
@@ -71,12 +71,25 @@ pub struct ServerConfig {
     /// After shutdown starts, how long connections keep answering (with ESHUTDOWN) so that
     /// clients can disconnect cleanly.
     pub shutdown_grace: Duration,
-    /// Large READs of data in the LUN's page cache go out by `splice(2)` (zero-copy: the
-    /// socket references the page-cache pages) instead of being copied into a buffer and
-    /// written. Off by default: on loopback the client then receives page-sized fragments,
-    /// and where the CPU makes each kernel call dear (AMD with return-stack mitigations)
-    /// it receives them at 0.55-0.6x the rate of copied replies (docs/benchmarks.md).
-    pub splice_reads: bool,
+    /// How large READs of data in the LUN's page cache reach the socket (see [`ReadPath`]).
+    pub reads: ReadPath,
+}
+
+/// How a large READ (at least [`ZERO_COPY_MIN`] bytes) of data already in the page cache of
+/// a buffered LUN goes out; anything else is read into a buffer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ReadPath {
+    /// Read into a buffer (`preadv2`) and written (`writev`): two copies on the server.
+    Copy,
+    /// Handed to `writev` from a read-only mapping of the LUN: one copy, into the same large
+    /// socket fragments as a copied reply (`csv_core::lun::mapped`).
+    #[default]
+    Map,
+    /// Spliced (`splice(2)`): no copy on the server, but on loopback the client receives
+    /// one fragment per 4 KiB page, which costs it more than the copies save where each
+    /// kernel call is dear (AMD with return-stack mitigations: 0.55-0.6x the rate of copied
+    /// replies, docs/benchmarks.md).
+    Splice,
 }
 
 impl Default for ServerConfig {
@@ -88,7 +101,7 @@ impl Default for ServerConfig {
             max_option_len: 16 << 10,
             handshake_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(5),
-            splice_reads: false,
+            reads: ReadPath::default(),
         }
     }
 }
@@ -217,7 +230,7 @@ impl NbdServer {
     where
         S: AsyncRead + AsyncWrite + AsFd + Unpin + Send + 'static,
     {
-        let splice = if self.shared.config.splice_reads {
+        let splice = if self.shared.config.reads == ReadPath::Splice {
             SpliceSocket::new(&stream)
                 .inspect_err(|e| debug!(error = %e, "replies will not be spliced"))
                 .ok()
@@ -593,8 +606,9 @@ struct RequestCtx {
     device: Arc<dyn BlockDevice>,
     structured: bool,
     meta_context: Option<u32>,
-    /// READ replies may carry spliced pipes (the writer has the socket's descriptor).
-    splice: bool,
+    /// How large cached READs are taken without a copy, if at all (spliced pipes only when
+    /// the writer has the socket's descriptor).
+    zero_copy: Option<ZeroCopy>,
     replies: mpsc::Sender<Frame>,
     wrote: AtomicBool,
 }
@@ -614,7 +628,11 @@ where
     let mut rd = BufReader::with_capacity(256 << 10, rd);
     let (tx, rx) = mpsc::channel(cfg.max_in_flight + 1);
     let ctx = Arc::new(RequestCtx {
-        splice: splice.is_some(),
+        zero_copy: match shared.config.reads {
+            ReadPath::Copy => None,
+            ReadPath::Map => Some(ZeroCopy::Map),
+            ReadPath::Splice => splice.as_ref().map(|_| ZeroCopy::Splice),
+        },
         device: session.device.clone(),
         structured: session.structured,
         meta_context: session.meta_context,
@@ -1099,16 +1117,16 @@ async fn read_reply(ctx: &RequestCtx, req: &Request) -> Frame {
         }
         return vec![simple(0, cookie).into()];
     }
-    if ctx.splice
-        && req.length >= SPLICE_MIN
-        && let Some(pipe) = ctx.device.read_piped(req.offset, req.length).await
+    if let Some(how) = ctx.zero_copy
+        && req.length >= ZERO_COPY_MIN
+        && let Some(cached) = ctx.device.read_cached(req.offset, req.length, how).await
     {
-        if pipe.len() == req.length as usize {
-            return piped_reply(ctx.structured, req, pipe);
+        if cached.len() == req.length as usize {
+            return cached_reply(ctx.structured, req, cached);
         }
         warn!(
             cookie,
-            "device spliced a read that does not cover the request"
+            "device took a read from the page cache that does not cover the request"
         );
         return error_frame(ctx.structured, req, Errno::Io, "short read");
     }
@@ -1179,12 +1197,12 @@ async fn read_reply(ctx: &RequestCtx, req: &Request) -> Frame {
     frame
 }
 
-/// READs at least this long are spliced when the device can (below, a copy costs less than
-/// a pipe's two extra system calls).
-const SPLICE_MIN: u32 = 64 << 10;
+/// READs at least this long are taken without a copy when the device can (below, a copy
+/// costs less than the page-cache check and, for a pipe, its two extra system calls).
+pub const ZERO_COPY_MIN: u32 = 64 << 10;
 
-/// A successful READ reply whose data is `pipe` (one data chunk when structured).
-fn piped_reply(structured: bool, req: &Request, pipe: Pipe) -> Frame {
+/// A successful READ reply whose data is `cached` (one data chunk when structured).
+fn cached_reply(structured: bool, req: &Request, cached: Cached) -> Frame {
     let mut hdr = BytesMut::new();
     if structured {
         proto::encode_offset_data_header(
@@ -1197,7 +1215,11 @@ fn piped_reply(structured: bool, req: &Request, pipe: Pipe) -> Frame {
     } else {
         proto::encode_simple_reply(&mut hdr, 0, req.cookie);
     }
-    vec![hdr.freeze().into(), Part::Pipe(pipe)]
+    let data = match cached {
+        Cached::Pipe(p) => Part::Pipe(p),
+        Cached::Mapped(m) => Part::Mapped(m),
+    };
+    vec![hdr.freeze().into(), data]
 }
 
 /// Normalises device extents: drops empty ones, merges equal neighbours, clips to the

@@ -8,11 +8,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
+use csv_core::lun::mapped::MappedLun;
+use csv_core::lun::{Cached, ZeroCopy};
 use nbd_backend::export::{BackingFile, BoxFuture, FileBacking, RawDevice};
 use nbd_backend::proto::{
     self, ClientOption, Command, Errno, ExportRequest, MetaContextRequest, Request,
 };
-use nbd_backend::{BlockDevice, ExportError, ExportProvider, NbdServer, OpenPurpose, ServerConfig};
+use nbd_backend::{
+    BlockDevice, ExportError, ExportProvider, NbdServer, OpenPurpose, ReadPath, ServerConfig,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
@@ -154,11 +158,12 @@ impl Raw {
 }
 
 /// A backing whose writes wait for a permit (lets tests hold requests in flight) and which
-/// counts the reads it served spliced.
+/// counts the reads it served without a copy (spliced, or viewed in its mapping).
 struct GatedBacking {
     inner: FileBacking,
+    map: MappedLun,
     gate: Arc<Semaphore>,
-    spliced: Arc<AtomicUsize>,
+    zero_copied: Arc<AtomicUsize>,
 }
 
 impl BackingFile for GatedBacking {
@@ -168,17 +173,18 @@ impl BackingFile for GatedBacking {
     fn read_at(&self, offset: u64, len: usize) -> BoxFuture<'_, io::Result<Bytes>> {
         self.inner.read_at(offset, len)
     }
-    fn read_piped(
-        &self,
-        offset: u64,
-        len: usize,
-    ) -> BoxFuture<'_, Option<csv_core::lun::pipe::Pipe>> {
+    fn read_cached(&self, offset: u64, len: usize, how: ZeroCopy) -> BoxFuture<'_, Option<Cached>> {
         Box::pin(async move {
-            let p = self.inner.read_piped(offset, len).await;
-            if p.is_some() {
-                self.spliced.fetch_add(1, Ordering::Relaxed);
+            let c = match how {
+                ZeroCopy::Splice => self.inner.read_cached(offset, len, how).await,
+                // A plain file backing is never mapped; the test maps its fixed-size file
+                // as a LUN would be.
+                ZeroCopy::Map => self.map.view(offset, len).map(Cached::Mapped),
+            };
+            if c.is_some() {
+                self.zero_copied.fetch_add(1, Ordering::Relaxed);
             }
-            p
+            c
         })
     }
     fn write_at(&self, offset: u64, data: Bytes) -> BoxFuture<'_, io::Result<()>> {
@@ -225,7 +231,7 @@ struct Gated {
     sock: std::path::PathBuf,
     server: NbdServer,
     gate: Arc<Semaphore>,
-    spliced: Arc<AtomicUsize>,
+    zero_copied: Arc<AtomicUsize>,
     accept: tokio::task::JoinHandle<()>,
 }
 
@@ -252,11 +258,12 @@ fn gated_server_sized(config: ServerConfig, size: u64) -> Gated {
         .unwrap();
     file.set_len(size).unwrap();
     let gate = Arc::new(Semaphore::new(0));
-    let spliced = Arc::new(AtomicUsize::new(0));
+    let zero_copied = Arc::new(AtomicUsize::new(0));
     let backing = Arc::new(GatedBacking {
+        map: MappedLun::new(Arc::new(file.try_clone().unwrap()), size),
         inner: FileBacking::new(file).unwrap(),
         gate: gate.clone(),
-        spliced: spliced.clone(),
+        zero_copied: zero_copied.clone(),
     });
     let device: Arc<dyn BlockDevice> = Arc::new(RawDevice::new(backing, size, false));
     let server = NbdServer::new(Arc::new(GatedProvider { device }), config, None);
@@ -269,7 +276,7 @@ fn gated_server_sized(config: ServerConfig, size: u64) -> Gated {
         sock,
         server,
         gate,
-        spliced,
+        zero_copied,
         accept,
     }
 }
@@ -526,29 +533,41 @@ async fn non_fixed_client_with_export_name_gets_padded_reply() {
     g.server.shutdown().await;
 }
 
-/// With `splice_reads`, large reads of cached data go out as spliced pipes; the client sees
+/// With `reads: Splice`, large reads of cached data go out as spliced pipes; the client sees
 /// the same bytes, in reply order, as for copied reads (small, unaligned past a pipe's
 /// pages, or past a write).
 #[tokio::test]
-async fn large_cached_reads_are_spliced_when_enabled_and_read_back_intact_between_copied_replies() {
+async fn large_cached_reads_are_spliced_when_asked_and_read_back_intact_between_copied_replies() {
     let config = ServerConfig {
-        splice_reads: true,
+        reads: ReadPath::Splice,
         ..quick()
     };
     cached_reads_come_back_intact(config, 2).await;
 }
 
-/// By default nothing is spliced: the same reads all go out copied.
+/// By default large reads of cached data are sent from a mapping of the LUN (one that is not
+/// page aligned too), between copied small ones, and come back intact in reply order.
 #[tokio::test]
-async fn large_cached_reads_are_copied_by_default() {
-    cached_reads_come_back_intact(quick(), 0).await;
+async fn large_cached_reads_are_sent_from_the_mapping_by_default_and_read_back_intact() {
+    assert_eq!(quick().reads, ReadPath::Map);
+    cached_reads_come_back_intact(quick(), 3).await;
 }
 
-async fn cached_reads_come_back_intact(config: ServerConfig, want_spliced: usize) {
+/// With `reads: Copy` nothing is taken from the page cache: the same reads all go out copied.
+#[tokio::test]
+async fn large_cached_reads_are_copied_when_asked() {
+    let config = ServerConfig {
+        reads: ReadPath::Copy,
+        ..quick()
+    };
+    cached_reads_come_back_intact(config, 0).await;
+}
+
+async fn cached_reads_come_back_intact(config: ServerConfig, want_zero_copied: usize) {
     const DISK: u64 = 4 << 20;
     let g = gated_server_sized(config, DISK);
     g.gate.add_permits(1 << 20);
-    let (sock, spliced) = (g.sock.clone(), g.spliced.clone());
+    let (sock, zero_copied) = (g.sock.clone(), g.zero_copied.clone());
 
     let mut c = Raw::fixed(&sock).await;
     c.go("disk").await;
@@ -556,7 +575,8 @@ async fn cached_reads_come_back_intact(config: ServerConfig, want_spliced: usize
     for (i, chunk) in data.chunks(1 << 20).enumerate() {
         assert_eq!(c.write(i as u64, (i << 20) as u64, chunk).await, 0);
     }
-    // Pipelined: spliced, copied (small), copied (one page too many for a pipe), spliced.
+    // Pipelined: large (zero-copy), small (copied), large unaligned (one page too many for a
+    // pipe: copied when splicing, mapped when mapping), large.
     let reads: [(u64, u64, u32); 4] = [
         (10, 0, 1 << 20),
         (11, 5, 4096),
@@ -582,9 +602,9 @@ async fn cached_reads_come_back_intact(config: ServerConfig, want_spliced: usize
     seen.sort_unstable();
     assert_eq!(seen, [10, 11, 12, 13]);
     assert_eq!(
-        spliced.load(Ordering::Relaxed),
-        want_spliced,
-        "with splicing on, the two page-aligned 1 MiB reads are spliced, the others copied"
+        zero_copied.load(Ordering::Relaxed),
+        want_zero_copied,
+        "reads taken from the page cache without a copy"
     );
     g.server.shutdown().await;
     g.accept.abort();

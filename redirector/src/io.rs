@@ -1144,7 +1144,12 @@ impl Lun for RedirectingLun {
 
     /// Only while I/O goes direct and no ghost write overlaps the range (those are served
     /// from memory by [`Lun::read_at`]); otherwise `None` and the caller reads normally.
-    fn read_piped(&self, offset: u64, len: usize) -> Option<csv_core::lun::pipe::Pipe> {
+    fn read_cached(
+        &self,
+        offset: u64,
+        len: usize,
+        how: csv_core::lun::ZeroCopy,
+    ) -> Option<csv_core::lun::Cached> {
         self.checked(offset, len as u64).ok()?;
         {
             let st = self.inner.lock();
@@ -1154,7 +1159,7 @@ impl Lun for RedirectingLun {
                 return None;
             }
         }
-        self.inner.direct.read_piped(offset, len)
+        self.inner.direct.read_cached(offset, len, how)
     }
 
     fn write_at(&self, offset: u64, data: Bytes, fua: bool) -> LunFuture<'_, ()> {

@@ -67,8 +67,13 @@ impl<L: Lun> Lun for PlainPath<L> {
     fn read_at(&self, offset: u64, len: usize) -> LunFuture<'_, Bytes> {
         self.0.read_at(offset, len)
     }
-    fn read_piped(&self, offset: u64, len: usize) -> Option<csv_core::lun::pipe::Pipe> {
-        self.0.read_piped(offset, len)
+    fn read_cached(
+        &self,
+        offset: u64,
+        len: usize,
+        how: csv_core::lun::ZeroCopy,
+    ) -> Option<csv_core::lun::Cached> {
+        self.0.read_cached(offset, len, how)
     }
     fn write_at(&self, offset: u64, data: Bytes, fua: bool) -> LunFuture<'_, ()> {
         self.0.write_at(offset, data, fua)

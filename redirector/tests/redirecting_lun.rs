@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use csv_core::lun::{FaultError, FaultHandle, FaultLun, IoFence, Lun, LunError, MemLun, OpSet};
+use csv_core::lun::{
+    Cached, FaultError, FaultHandle, FaultLun, IoFence, Lun, LunError, MemLun, OpSet, ZeroCopy,
+};
 use csv_core::meta::{NodeId, PathState, SessionId};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -1179,10 +1181,11 @@ async fn settle_gives_up_after_the_pause_bound_so_the_caller_keeps_its_lock() {
     c.fault(1).release();
 }
 
-/// Spliced reads (`Lun::read_piped`) come from the local page cache, so the redirector offers
-/// them only while it reads directly: a redirected node reads through its peer as before.
+/// Zero-copy reads (`Lun::read_cached`: spliced or mapped) come from the local page cache, so
+/// the redirector offers them only while it reads directly: a redirected node reads through
+/// its peer as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reads_are_spliced_only_while_the_node_reads_directly() {
+async fn reads_are_taken_from_the_page_cache_only_while_the_node_reads_directly() {
     use csv_core::lun::file::{FileLun, FileLunOptions};
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("lun");
@@ -1218,16 +1221,20 @@ async fn reads_are_spliced_only_while_the_node_reads_directly() {
     let data: Bytes = (0..(64 << 10)).map(|i| (i % 199) as u8).collect();
     let l1 = &luns[&1];
     l1.write_at(8192, data.clone(), false).await.unwrap();
-    // Direct: the written (so cached) range is spliced, and reads back intact.
-    let mut pipe = l1
-        .read_piped(8192, data.len())
-        .expect("direct reads splice");
-    assert_eq!(pipe.drain().unwrap(), data);
+    // Direct: the written (so cached) range is taken both ways, and reads back intact.
+    for how in [ZeroCopy::Splice, ZeroCopy::Map] {
+        let cached = l1
+            .read_cached(8192, data.len(), how)
+            .expect("direct reads are taken from the page cache");
+        assert_eq!(cached_bytes(cached), data, "{how:?}");
+    }
 
-    // Redirected by the operator: no splice; the ordinary read goes through node 2.
+    // Redirected by the operator: neither; the ordinary read goes through node 2.
     l1.set_user_redirect(true);
     eventually_real(|| l1.mode() != Mode::Direct, "node 1 redirects").await;
-    assert!(l1.read_piped(8192, data.len()).is_none());
+    for how in [ZeroCopy::Splice, ZeroCopy::Map] {
+        assert!(l1.read_cached(8192, data.len(), how).is_none(), "{how:?}");
+    }
     let before = l1.stats().peer_attempts;
     assert_eq!(l1.read_at(8192, data.len()).await.unwrap(), data);
     assert!(
@@ -1235,11 +1242,32 @@ async fn reads_are_spliced_only_while_the_node_reads_directly() {
         "the read did not go through the peer"
     );
 
-    // Back to direct: spliced again.
+    // Back to direct: taken from the page cache again.
     l1.set_user_redirect(false);
     eventually_real(|| l1.mode() == Mode::Direct, "node 1 reads directly again").await;
-    let mut pipe = l1.read_piped(8192, data.len()).expect("direct again");
-    assert_eq!(pipe.drain().unwrap(), data);
+    for how in [ZeroCopy::Splice, ZeroCopy::Map] {
+        let cached = l1.read_cached(8192, data.len(), how).expect("direct again");
+        assert_eq!(cached_bytes(cached), data, "{how:?}");
+    }
+}
+
+/// What a client would receive of `cached`: a pipe drained, a mapped view sent through a
+/// socket pair (only the kernel reads mapped bytes).
+fn cached_bytes(cached: Cached) -> Bytes {
+    match cached {
+        Cached::Pipe(mut p) => p.drain().unwrap(),
+        Cached::Mapped(m) => {
+            let (mut a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+            let reader = std::thread::spawn(move || {
+                let mut got = Vec::new();
+                std::io::Read::read_to_end(&mut b, &mut got).unwrap();
+                got
+            });
+            std::io::Write::write_all(&mut a, &m.io_slice()).unwrap();
+            drop(a);
+            Bytes::from(reader.join().unwrap())
+        }
+    }
 }
 
 /// Polls `cond` in real time (for LUNs doing real file I/O), failing after 10 s.

@@ -42,8 +42,9 @@ use bytes::Bytes;
 
 use super::bufpool::BufPool;
 use super::iopool::IoPool;
-use super::pipe::{self, Pipe};
-use super::{Lun, LunError, LunFuture, check_aligned, check_range};
+use super::mapped::MappedLun;
+use super::pipe;
+use super::{Cached, Lun, LunError, LunFuture, ZeroCopy, check_aligned, check_range};
 
 /// Alignment (and buffer alignment) required with O_DIRECT.
 pub const DIRECT_ALIGN: u32 = 4096;
@@ -160,6 +161,8 @@ pub struct FileLun {
     pool: IoPool,
     /// Large buffers of page-cache reads, recycled while still warm in the CPU cache.
     bufs: Arc<BufPool>,
+    /// Windows of the file mapped for [`ZeroCopy::Map`] reads (buffered LUNs only).
+    mapped: Option<MappedLun>,
 }
 
 /// Idle read buffers a LUN keeps (a few MiB at most: 1 MiB reads at queue depth 8-16).
@@ -513,8 +516,10 @@ impl FileLun {
                 ),
             ));
         };
+        let file = Arc::new(file);
         Ok(FileLun {
-            file: Arc::new(file),
+            mapped: (!direct).then(|| MappedLun::new(file.clone(), size)),
+            file,
             path,
             size,
             opts,
@@ -624,12 +629,15 @@ impl Lun for FileLun {
         })
     }
 
-    fn read_piped(&self, offset: u64, len: usize) -> Option<Pipe> {
+    fn read_cached(&self, offset: u64, len: usize, how: ZeroCopy) -> Option<Cached> {
         // O_DIRECT LUNs bypass the page cache: nothing there to reference.
         if self.direct || self.check(offset, len as u64).is_err() {
             return None;
         }
-        pipe::splice_cached(&self.file, offset, len)
+        match how {
+            ZeroCopy::Splice => pipe::splice_cached(&self.file, offset, len).map(Cached::Pipe),
+            ZeroCopy::Map => self.mapped.as_ref()?.view(offset, len).map(Cached::Mapped),
+        }
     }
 
     fn write_at(&self, offset: u64, data: Bytes, fua: bool) -> LunFuture<'_, ()> {

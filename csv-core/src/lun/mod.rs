@@ -15,16 +15,19 @@ pub mod conformance;
 pub mod fault;
 pub mod file;
 pub mod iopool;
+pub mod mapped;
 pub mod mem;
 pub mod nbd;
 pub mod open;
 pub mod pipe;
+pub mod zerocopy;
 
 pub use fault::{FaultError, FaultHandle, FaultLun, OpKind, OpSet};
 pub use file::{CacheMode, FileLun, FileLunOptions};
 pub use mem::MemLun;
 pub use nbd::{NbdLun, NbdOptions};
 pub use open::{LunOpenOptions, open_lun};
+pub use zerocopy::{Cached, ZeroCopy};
 
 use std::future::Future;
 use std::io;
@@ -120,12 +123,12 @@ pub trait Lun: Send + Sync + 'static {
     fn settle(&self) -> LunFuture<'_, ()> {
         self.flush()
     }
-    /// Splices `len` bytes at `offset` into a pipe, without copying and without waiting:
-    /// only when every byte is in this node's page cache and the LUN is read directly.
-    /// `None`: not possible now; read with [`Lun::read_at`] instead (which also reports
-    /// errors). The default never splices.
-    fn read_piped(&self, offset: u64, len: usize) -> Option<pipe::Pipe> {
-        let _ = (offset, len);
+    /// Takes `len` bytes at `offset` the way `how` says (spliced into a pipe, or viewed in a
+    /// mapping), without copying and without waiting: only when every byte is in this node's
+    /// page cache and the LUN is read directly. `None`: not possible now; read with
+    /// [`Lun::read_at`] instead (which also reports errors). The default never does.
+    fn read_cached(&self, offset: u64, len: usize, how: ZeroCopy) -> Option<Cached> {
+        let _ = (offset, len, how);
         None
     }
     /// Writes on behalf of the holder of a fencing token (the file's data lock). A
@@ -166,8 +169,8 @@ impl<L: Lun + ?Sized> Lun for std::sync::Arc<L> {
     fn read_at(&self, offset: u64, len: usize) -> LunFuture<'_, Bytes> {
         (**self).read_at(offset, len)
     }
-    fn read_piped(&self, offset: u64, len: usize) -> Option<pipe::Pipe> {
-        (**self).read_piped(offset, len)
+    fn read_cached(&self, offset: u64, len: usize, how: ZeroCopy) -> Option<Cached> {
+        (**self).read_cached(offset, len, how)
     }
     fn write_at(&self, offset: u64, data: Bytes, fua: bool) -> LunFuture<'_, ()> {
         (**self).write_at(offset, data, fua)

@@ -227,7 +227,7 @@ const SYS_CACHESTAT: libc::c_long = 451;
 
 /// Whether every page of `[offset, offset+len)` is in the page cache. Kernels without
 /// `cachestat(2)` answer `false`, so splicing is simply not used there.
-fn fully_cached(file: &File, offset: u64, len: usize) -> io::Result<bool> {
+pub(crate) fn fully_cached(file: &File, offset: u64, len: usize) -> io::Result<bool> {
     let first = offset / PAGE * PAGE;
     let end = (offset + len as u64).div_ceil(PAGE) * PAGE;
     let range = CachestatRange {

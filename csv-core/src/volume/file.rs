@@ -24,8 +24,7 @@ use super::{
     Applied, Consistency, MetaAnswer, MetaClientError, MetaQuery, Shared, VolumeError,
     VolumeResult, WeakShared, answer, lock, now,
 };
-use crate::lun::IoFence;
-use crate::lun::pipe::Pipe;
+use crate::lun::{Cached, IoFence, ZeroCopy};
 
 /// How long a write waits for a lapsed lease to come back before it fails as fenced.
 const LEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -280,16 +279,21 @@ impl OpenFile {
         self.shared.read_locked(&self.fs, offset, len).await
     }
 
-    /// Splices `len` bytes at `offset` into a pipe, without copying them (see
-    /// [`crate::lun::pipe`]): only when the range lies inside the file and in one written
-    /// extent, the LUN is read directly, and every byte is in this node's page cache.
-    /// `None`: read with [`OpenFile::read`].
-    pub async fn read_piped(&self, offset: u64, len: usize) -> VolumeResult<Option<Pipe>> {
+    /// Takes `len` bytes at `offset` without copying them, spliced into a pipe or viewed in
+    /// a mapping of the LUN as `how` says (see [`crate::lun::zerocopy`]): only when the range
+    /// lies inside the file and in one written extent, the LUN is read directly, and every
+    /// byte is in this node's page cache. `None`: read with [`OpenFile::read`].
+    pub async fn read_cached(
+        &self,
+        offset: u64,
+        len: usize,
+        how: ZeroCopy,
+    ) -> VolumeResult<Option<Cached>> {
         let _g = self
             .shared
             .io_guard(&self.fs, LockMode::Shared, None)
             .await?;
-        Ok(self.shared.read_piped_locked(&self.fs, offset, len))
+        Ok(self.shared.read_cached_locked(&self.fs, offset, len, how))
     }
 
     /// Writes all of `data` at `offset`; returns the byte count.
@@ -620,8 +624,14 @@ impl Shared {
         Ok(buf.freeze())
     }
 
-    /// See [`OpenFile::read_piped`]; the caller holds the file's I/O guard.
-    fn read_piped_locked(&self, fs: &Arc<FileState>, offset: u64, len: usize) -> Option<Pipe> {
+    /// See [`OpenFile::read_cached`]; the caller holds the file's I/O guard.
+    fn read_cached_locked(
+        &self,
+        fs: &Arc<FileState>,
+        offset: u64,
+        len: usize,
+        how: ZeroCopy,
+    ) -> Option<Cached> {
         let end = offset.checked_add(len as u64)?;
         let runs = {
             let c = lock(&fs.core);
@@ -631,7 +641,7 @@ impl Shared {
             c.map.runs(offset / self.bs, end.div_ceil(self.bs))
         };
         let lun_off = in_one_written_run(&runs, self.bs, offset, end)?;
-        self.lun.read_piped(lun_off, len)
+        self.lun.read_cached(lun_off, len, how)
     }
 
     /// Reads `len` bytes at LUN byte `off`, widening to the LUN's alignment.

@@ -10,7 +10,7 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::{Bytes, BytesMut};
-use csv_core::lun::pipe::Pipe;
+use csv_core::lun::{Cached, ZeroCopy};
 use csv_core::meta::{FallocMode, Ino, MetaError};
 use csv_core::volume::{OpenFile, Volume, VolumeError};
 
@@ -85,8 +85,8 @@ impl BackingFile for VolumeBacking {
         })
     }
 
-    fn read_piped(&self, offset: u64, len: usize) -> BoxFuture<'_, Option<Pipe>> {
-        Box::pin(async move { self.file.read_piped(offset, len).await.ok().flatten() })
+    fn read_cached(&self, offset: u64, len: usize, how: ZeroCopy) -> BoxFuture<'_, Option<Cached>> {
+        Box::pin(async move { self.file.read_cached(offset, len, how).await.ok().flatten() })
     }
 
     fn write_at(&self, offset: u64, data: Bytes) -> BoxFuture<'_, io::Result<()>> {

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 
 use bytes::Bytes;
-use csv_core::lun::pipe::Pipe;
+use csv_core::lun::{Cached, ZeroCopy};
 use csv_core::meta::Ino;
 
 use super::backing::VolumeBacking;
@@ -202,10 +202,10 @@ impl BlockDevice for VolumeDevice {
         })
     }
 
-    fn read_piped(&self, offset: u64, len: u32) -> BoxFuture<'_, Option<Pipe>> {
+    fn read_cached(&self, offset: u64, len: u32, how: ZeroCopy) -> BoxFuture<'_, Option<Cached>> {
         Box::pin(async move {
             self.fresh().await;
-            self.inner().read_piped(offset, len).await
+            self.inner().read_cached(offset, len, how).await
         })
     }
 
