@@ -255,6 +255,24 @@ mod tests {
         assert!(lun.view(WINDOW - 4096, 8192).is_none(), "two windows");
     }
 
+    /// The module's safety argument: when the pages behind a view are gone (here the file is
+    /// truncated under it; in production a page evicted and failing to read back), the
+    /// kernel's copy fails with an error, and the process takes no `SIGBUS`.
+    #[test]
+    fn a_view_whose_pages_are_gone_fails_the_write_with_an_error_not_a_signal() {
+        let (_d, f) = lun_with(&[5u8; 1 << 20]);
+        let lun = MappedLun::new(f.clone(), 1 << 20);
+        let m = lun.view(0, 1 << 20).expect("cached");
+        f.set_len(0).unwrap();
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let iov = m.io_slice();
+        // SAFETY: one valid iovec (the view, mapped while `m` lives) and an open socket.
+        let n = unsafe { libc::writev(a.as_raw_fd(), (&raw const iov).cast(), 1) };
+        let err = io::Error::last_os_error();
+        assert_eq!(n, -1, "nothing can be sent from pages past the end of the file");
+        assert_eq!(err.raw_os_error(), Some(libc::EFAULT), "{err}");
+    }
+
     #[test]
     fn windows_are_bounded_and_unmapped_only_when_no_view_remains() {
         let size = WINDOW * (WINDOWS_KEPT as u64 + 2);
