@@ -269,7 +269,10 @@ mod tests {
         // SAFETY: one valid iovec (the view, mapped while `m` lives) and an open socket.
         let n = unsafe { libc::writev(a.as_raw_fd(), (&raw const iov).cast(), 1) };
         let err = io::Error::last_os_error();
-        assert_eq!(n, -1, "nothing can be sent from pages past the end of the file");
+        assert_eq!(
+            n, -1,
+            "nothing can be sent from pages past the end of the file"
+        );
         assert_eq!(err.raw_os_error(), Some(libc::EFAULT), "{err}");
     }
 
