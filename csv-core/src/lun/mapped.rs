@@ -10,9 +10,10 @@
 //!
 //! Invariants:
 //! - the LUN is mapped `PROT_READ`, `MAP_SHARED`, in [`WINDOW`]-sized windows (at most
-//!   [`WINDOWS_KEPT`] mapped at once, least recently used unmapped first, each only once no
-//!   [`Mapped`] refers to it): address space and page tables stay bounded whatever the LUN's
-//!   size;
+//!   [`WINDOWS_KEPT`] mapped at once, least recently used unmapped first, and any unused for
+//!   [`WINDOW_IDLE`], each only once no [`Mapped`] refers to it): address space and page
+//!   tables stay bounded whatever the LUN's size, and pages are mapped only while reads use
+//!   them (mapped pages are out of reach of `drop_caches` and harder to reclaim);
 //! - a view is made only of a range inside one window whose pages are all in the page cache
 //!   (`cachestat(2)`), so handing it to the kernel does not wait for the device;
 //! - **no user-space code reads the mapped bytes**: a view only yields `IoSlice`s for
@@ -27,7 +28,9 @@ use std::fs::File;
 use std::io::{self, IoSlice};
 use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::lock;
 
@@ -35,6 +38,10 @@ use crate::lock;
 pub const WINDOW: u64 = 64 << 20;
 /// Windows kept mapped: 4 GiB of address space, at most 8 MiB of page tables.
 pub const WINDOWS_KEPT: usize = 64;
+/// A window unused this long is unmapped. Its pages stay in the page cache, but while they
+/// are mapped `drop_caches` and `POSIX_FADV_DONTNEED` leave them there and reclaim treats
+/// them as in use, so a mapping must not outlive the reads it serves by much.
+pub const WINDOW_IDLE: Duration = Duration::from_secs(2);
 
 /// One read-only shared mapping of `len` bytes of the LUN file.
 #[derive(Debug)]
@@ -120,18 +127,42 @@ impl Mapped {
 /// A LUN file's windows, mapped on demand.
 #[derive(Debug)]
 pub struct MappedLun {
+    inner: Arc<Windows>,
+}
+
+#[derive(Debug)]
+struct Windows {
     file: Arc<File>,
     size: u64,
-    /// Most recently used last.
-    windows: Mutex<Vec<(u64, Arc<Window>)>>,
+    idle: Duration,
+    /// Least recently used first.
+    list: Mutex<Vec<Entry>>,
+    /// Whether the sweeper thread runs.
+    sweeping: AtomicBool,
+}
+
+#[derive(Debug)]
+struct Entry {
+    idx: u64,
+    window: Arc<Window>,
+    used: Instant,
 }
 
 impl MappedLun {
     pub fn new(file: Arc<File>, size: u64) -> MappedLun {
+        MappedLun::with_idle(file, size, WINDOW_IDLE)
+    }
+
+    /// As [`MappedLun::new`], unmapping windows unused for `idle` (tests).
+    pub fn with_idle(file: Arc<File>, size: u64, idle: Duration) -> MappedLun {
         MappedLun {
-            file,
-            size,
-            windows: Mutex::new(Vec::new()),
+            inner: Arc::new(Windows {
+                file,
+                size,
+                idle,
+                list: Mutex::new(Vec::new()),
+                sweeping: AtomicBool::new(false),
+            }),
         }
     }
 
@@ -139,11 +170,12 @@ impl MappedLun {
     /// it is in the page cache; `None` otherwise, or on any error (the caller's ordinary read
     /// reports it if it persists).
     pub fn view(&self, offset: u64, len: usize) -> Option<Mapped> {
+        let w = &self.inner;
         let end = offset.checked_add(len as u64)?;
-        if len == 0 || end > self.size || offset / WINDOW != (end - 1) / WINDOW {
+        if len == 0 || end > w.size || offset / WINDOW != (end - 1) / WINDOW {
             return None;
         }
-        if !super::pipe::fully_cached(&self.file, offset, len).ok()? {
+        if !super::pipe::fully_cached(&w.file, offset, len).ok()? {
             return None;
         }
         let idx = offset / WINDOW;
@@ -156,27 +188,58 @@ impl MappedLun {
     }
 
     fn window(&self, idx: u64) -> io::Result<Arc<Window>> {
-        let mut ws = lock(&self.windows);
-        if let Some(i) = ws.iter().rposition(|(k, _)| *k == idx) {
-            let entry = ws.remove(i);
-            let w = entry.1.clone();
-            ws.push(entry);
-            return Ok(w);
+        let w = &self.inner;
+        let now = Instant::now();
+        let mut list = lock(&w.list);
+        if let Some(i) = list.iter().rposition(|e| e.idx == idx) {
+            let mut entry = list.remove(i);
+            entry.used = now;
+            let window = entry.window.clone();
+            list.push(entry);
+            return Ok(window);
         }
         let start = idx * WINDOW;
-        let len = (self.size - start).min(WINDOW) as usize;
-        let w = Arc::new(Window::map(&self.file, start, len)?);
-        if ws.len() >= WINDOWS_KEPT {
+        let len = (w.size - start).min(WINDOW) as usize;
+        let window = Arc::new(Window::map(&w.file, start, len)?);
+        if list.len() >= WINDOWS_KEPT {
             // Unmapped once the last view of it is written.
-            ws.remove(0);
+            list.remove(0);
         }
-        ws.push((idx, w.clone()));
-        Ok(w)
+        list.push(Entry {
+            idx,
+            window: window.clone(),
+            used: now,
+        });
+        drop(list);
+        if !w.sweeping.swap(true, Ordering::AcqRel) {
+            self.start_sweeper();
+        }
+        Ok(window)
+    }
+
+    /// A thread that unmaps windows idle for `idle`, and ends once the LUN is dropped.
+    fn start_sweeper(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        let period = (self.inner.idle / 2).max(Duration::from_millis(10));
+        let started = std::thread::Builder::new()
+            .name("csv-lun-unmap".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(period);
+                    let Some(w) = weak.upgrade() else { return };
+                    let now = Instant::now();
+                    lock(&w.list).retain(|e| now.duration_since(e.used) < w.idle);
+                }
+            });
+        if started.is_err() {
+            // No sweeper: windows then leave only by the count limit.
+            tracing::warn!("cannot start the thread that unmaps idle LUN windows");
+        }
     }
 
     /// Windows currently kept mapped.
     pub fn windows_kept(&self) -> usize {
-        lock(&self.windows).len()
+        lock(&self.inner.list).len()
     }
 }
 
@@ -274,6 +337,48 @@ mod tests {
             "nothing can be sent from pages past the end of the file"
         );
         assert_eq!(err.raw_os_error(), Some(libc::EFAULT), "{err}");
+    }
+
+    /// Idle windows are unmapped, after which their pages can leave the page cache again
+    /// (while mapped, `POSIX_FADV_DONTNEED` cannot drop them).
+    #[test]
+    fn idle_windows_are_unmapped_and_their_pages_can_be_dropped_again() {
+        let (_d, f) = lun_with(&[3u8; 1 << 20]);
+        let lun = MappedLun::with_idle(f.clone(), 1 << 20, Duration::from_millis(200));
+        let m = lun.view(0, 1 << 20).expect("cached");
+        assert!(
+            sent(&m).iter().all(|b| *b == 3),
+            "pages touched through the mapping"
+        );
+        drop(m);
+        assert_eq!(lun.windows_kept(), 1);
+        let dontneed = || {
+            // SAFETY: plain advisory call on an open descriptor.
+            unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        };
+        dontneed();
+        assert!(
+            super::super::pipe::fully_cached(&f, 0, 1 << 20).unwrap(),
+            "mapped pages stay cached"
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while lun.windows_kept() > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the idle window was never unmapped"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        dontneed();
+        assert!(
+            !super::super::pipe::fully_cached(&f, 0, 1 << 20).unwrap(),
+            "unmapped, the pages can be dropped"
+        );
+        // And a new view maps the window again.
+        let mut back = vec![0u8; 1 << 20];
+        f.read_exact_at(&mut back, 0).unwrap();
+        assert!(lun.view(0, 4096).is_some());
+        assert_eq!(lun.windows_kept(), 1);
     }
 
     #[test]
