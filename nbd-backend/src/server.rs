@@ -71,7 +71,9 @@ pub struct ServerConfig {
     /// After shutdown starts, how long connections keep answering (with ESHUTDOWN) so that
     /// clients can disconnect cleanly.
     pub shutdown_grace: Duration,
-    /// How large READs of data in the LUN's page cache reach the socket (see [`ReadPath`]).
+    /// How large READs of data in the LUN's page cache reach the socket (see [`ReadPath`]);
+    /// only for connections on kernel sockets (those the server accepts itself), since on any
+    /// other stream user space copies the reply's bytes.
     pub reads: ReadPath,
 }
 
@@ -221,26 +223,39 @@ impl NbdServer {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        self.spawn_serving(stream, peer, None);
+        // Not a kernel socket: user space may copy reply bytes (an in-memory stream, TLS), so
+        // nothing is sent from the LUN's mapping (`csv_core::lun::mapped`) or spliced.
+        self.spawn_serving(stream, peer, ReplyPath::default());
     }
 
-    /// Serves an accepted socket; READ replies may be spliced into it. Called on the
-    /// server's runtime (registering the descriptor needs it).
+    /// Serves an accepted socket; large cached READ replies may be sent from the LUN's mapping
+    /// or spliced into it (`[nbd] reads`). Called on the server's runtime (registering the
+    /// descriptor needs it).
     fn spawn_socket<S>(&self, stream: S, peer: String)
     where
         S: AsyncRead + AsyncWrite + AsFd + Unpin + Send + 'static,
     {
-        let splice = if self.shared.config.reads == ReadPath::Splice {
-            SpliceSocket::new(&stream)
-                .inspect_err(|e| debug!(error = %e, "replies will not be spliced"))
-                .ok()
-        } else {
-            None
+        let path = match self.shared.config.reads {
+            ReadPath::Copy => ReplyPath::default(),
+            ReadPath::Map => ReplyPath {
+                zero_copy: Some(ZeroCopy::Map),
+                splice: None,
+            },
+            ReadPath::Splice => match SpliceSocket::new(&stream) {
+                Ok(s) => ReplyPath {
+                    zero_copy: Some(ZeroCopy::Splice),
+                    splice: Some(s),
+                },
+                Err(e) => {
+                    debug!(error = %e, "replies will not be spliced");
+                    ReplyPath::default()
+                }
+            },
         };
-        self.spawn_serving(stream, peer, splice);
+        self.spawn_serving(stream, peer, path);
     }
 
-    fn spawn_serving<S>(&self, stream: S, peer: String, splice: Option<SpliceSocket>)
+    fn spawn_serving<S>(&self, stream: S, peer: String, path: ReplyPath)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -248,7 +263,7 @@ impl NbdServer {
         let span = info_span!("nbd_conn", peer = %peer);
         self.shared.tasks.spawn(
             async move {
-                if let Err(e) = serve_connection(shared, stream, splice, peer).await {
+                if let Err(e) = serve_connection(shared, stream, path, peer).await {
                     warn!(error = %chain(&e), "NBD connection closed");
                 }
             }
@@ -306,6 +321,15 @@ pub(crate) fn chain(e: &dyn StdError) -> String {
     s
 }
 
+/// How a connection's large cached READ replies leave (decided when it is accepted).
+#[derive(Default)]
+struct ReplyPath {
+    /// `None`: read into a buffer.
+    zero_copy: Option<ZeroCopy>,
+    /// The socket's descriptor, for splicing (with `ZeroCopy::Splice` only).
+    splice: Option<SpliceSocket>,
+}
+
 /// What the handshake settled on.
 struct Session {
     name: String,
@@ -317,7 +341,7 @@ struct Session {
 async fn serve_connection<S>(
     shared: Arc<Shared>,
     mut stream: S,
-    splice: Option<SpliceSocket>,
+    path: ReplyPath,
     peer: String,
 ) -> Result<(), ConnError>
 where
@@ -337,7 +361,7 @@ where
         ev.opened(&conn);
     }
     debug!(export = %session.name, id, "transmission started");
-    let result = transmission(&shared, stream, splice, session, &conn).await;
+    let result = transmission(&shared, stream, path, session, &conn).await;
     lock(&shared.conns).remove(&id);
     if let Some(ev) = &shared.events {
         ev.closed(&conn);
@@ -616,7 +640,7 @@ struct RequestCtx {
 async fn transmission<S>(
     shared: &Shared,
     stream: S,
-    splice: Option<SpliceSocket>,
+    path: ReplyPath,
     session: Session,
     conn: &ConnectionHandle,
 ) -> Result<(), ConnError>
@@ -628,18 +652,15 @@ where
     let mut rd = BufReader::with_capacity(256 << 10, rd);
     let (tx, rx) = mpsc::channel(cfg.max_in_flight + 1);
     let ctx = Arc::new(RequestCtx {
-        zero_copy: match shared.config.reads {
-            ReadPath::Copy => None,
-            ReadPath::Map => Some(ZeroCopy::Map),
-            ReadPath::Splice => splice.as_ref().map(|_| ZeroCopy::Splice),
-        },
+        zero_copy: path.zero_copy,
         device: session.device.clone(),
         structured: session.structured,
         meta_context: session.meta_context,
         replies: tx,
         wrote: AtomicBool::new(false),
     });
-    let writer = tokio::spawn(write_replies(wr, splice, rx).instrument(tracing::Span::current()));
+    let writer =
+        tokio::spawn(write_replies(wr, path.splice, rx).instrument(tracing::Span::current()));
     let requests = TaskTracker::new();
     let mut batch = Batch::default();
     let outcome = read_requests(shared, &mut rd, &ctx, conn, &requests, &mut batch).await;

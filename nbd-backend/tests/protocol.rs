@@ -30,7 +30,11 @@ struct Raw {
 
 impl Raw {
     async fn connect(sock: &std::path::Path, client_flags: u32) -> Raw {
-        let mut s = UnixStream::connect(sock).await.unwrap();
+        Raw::over(UnixStream::connect(sock).await.unwrap(), client_flags).await
+    }
+
+    /// A client on an already-connected stream.
+    async fn over(mut s: UnixStream, client_flags: u32) -> Raw {
         let mut greeting = [0u8; 18];
         s.read_exact(&mut greeting).await.unwrap();
         let mut g = &greeting[..];
@@ -542,7 +546,7 @@ async fn large_cached_reads_are_spliced_when_asked_and_read_back_intact_between_
         reads: ReadPath::Splice,
         ..quick()
     };
-    cached_reads_come_back_intact(config, 2).await;
+    cached_reads_come_back_intact(config, 2, false).await;
 }
 
 /// By default large reads of cached data are sent from a mapping of the LUN (one that is not
@@ -550,7 +554,14 @@ async fn large_cached_reads_are_spliced_when_asked_and_read_back_intact_between_
 #[tokio::test]
 async fn large_cached_reads_are_sent_from_the_mapping_by_default_and_read_back_intact() {
     assert_eq!(quick().reads, ReadPath::Map);
-    cached_reads_come_back_intact(quick(), 3).await;
+    cached_reads_come_back_intact(quick(), 3, false).await;
+}
+
+/// A stream handed to the server (`spawn_connection`) may be one whose bytes user space
+/// copies, so nothing is sent from the mapping on it: the same reads all go out copied.
+#[tokio::test]
+async fn reads_on_a_handed_over_stream_are_never_sent_from_the_mapping() {
+    cached_reads_come_back_intact(quick(), 0, true).await;
 }
 
 /// With `reads: Copy` nothing is taken from the page cache: the same reads all go out copied.
@@ -560,16 +571,30 @@ async fn large_cached_reads_are_copied_when_asked() {
         reads: ReadPath::Copy,
         ..quick()
     };
-    cached_reads_come_back_intact(config, 0).await;
+    cached_reads_come_back_intact(config, 0, false).await;
 }
 
-async fn cached_reads_come_back_intact(config: ServerConfig, want_zero_copied: usize) {
+/// Writes a 4 MiB pattern, reads it back pipelined, and checks how many reads were taken
+/// without a copy. `handed`: the client's stream is handed to `spawn_connection` rather
+/// than accepted by the server.
+async fn cached_reads_come_back_intact(
+    config: ServerConfig,
+    want_zero_copied: usize,
+    handed: bool,
+) {
     const DISK: u64 = 4 << 20;
     let g = gated_server_sized(config, DISK);
     g.gate.add_permits(1 << 20);
     let (sock, zero_copied) = (g.sock.clone(), g.zero_copied.clone());
 
-    let mut c = Raw::fixed(&sock).await;
+    let flags = proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES;
+    let mut c = if handed {
+        let (client, server) = UnixStream::pair().unwrap();
+        g.server.spawn_connection(server, "pair".into());
+        Raw::over(client, flags).await
+    } else {
+        Raw::fixed(&sock).await
+    };
     c.go("disk").await;
     let data: Vec<u8> = (0..DISK as usize).map(|i| (i * 7 % 251) as u8).collect();
     for (i, chunk) in data.chunks(1 << 20).enumerate() {

@@ -1251,22 +1251,11 @@ async fn reads_are_taken_from_the_page_cache_only_while_the_node_reads_directly(
     }
 }
 
-/// What a client would receive of `cached`: a pipe drained, a mapped view sent through a
-/// socket pair (only the kernel reads mapped bytes).
+/// What a client would receive of `cached`.
 fn cached_bytes(cached: Cached) -> Bytes {
     match cached {
         Cached::Pipe(mut p) => p.drain().unwrap(),
-        Cached::Mapped(m) => {
-            let (mut a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
-            let reader = std::thread::spawn(move || {
-                let mut got = Vec::new();
-                std::io::Read::read_to_end(&mut b, &mut got).unwrap();
-                got
-            });
-            std::io::Write::write_all(&mut a, &m.io_slice()).unwrap();
-            drop(a);
-            Bytes::from(reader.join().unwrap())
-        }
+        Cached::Mapped(m) => Bytes::from(m.copy_out().unwrap()),
     }
 }
 

@@ -116,6 +116,21 @@ impl Mapped {
         IoSlice::new(bytes)
     }
 
+    /// Copies the bytes out through a socket pair, so that only the kernel reads the mapping
+    /// (tests and diagnostics; the reply path hands [`Mapped::io_slice`] to `writev`).
+    pub fn copy_out(&self) -> io::Result<Vec<u8>> {
+        let (mut a, mut b) = std::os::unix::net::UnixStream::pair()?;
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            std::io::Read::read_to_end(&mut b, &mut got).map(|_| got)
+        });
+        std::io::Write::write_all(&mut a, &self.io_slice())?;
+        drop(a);
+        reader
+            .join()
+            .map_err(|_| io::Error::other("copy thread panicked"))?
+    }
+
     /// Drops the first `n` bytes (already written).
     pub fn advance(&mut self, n: usize) {
         let n = n.min(self.len);
@@ -260,17 +275,9 @@ mod tests {
         (dir, Arc::new(f))
     }
 
-    /// What the kernel sends of a view: written through a socket pair and read back.
+    /// What the kernel sends of a view.
     fn sent(m: &Mapped) -> Vec<u8> {
-        let (mut a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let reader = std::thread::spawn(move || {
-            let mut got = Vec::new();
-            std::io::Read::read_to_end(&mut b, &mut got).unwrap();
-            got
-        });
-        std::io::Write::write_all(&mut a, &m.io_slice()).unwrap();
-        drop(a);
-        reader.join().unwrap()
+        m.copy_out().unwrap()
     }
 
     #[test]
