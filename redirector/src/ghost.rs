@@ -18,6 +18,12 @@
 //! - Memory is bounded by a budget: [`GhostLedger::admit`] tells the caller to stall a new write
 //!   whose recording would exceed it, until resolutions free memory
 //!   ([`GhostCommand::RetryStalled`]).
+//! - A rewrite and a client write of the same bytes never race: the target may run two
+//!   concurrent writes in either order, so a rewrite's older data could land after the client's
+//!   newer data. [`GhostLedger::admit`] holds a new write while a rewrite of its bytes is in
+//!   flight, and a write already in flight when such a rewrite is emitted
+//!   ([`GhostLedger::write_started`]) is recorded and rewritten once it is acknowledged
+//!   ([`GhostLedger::flight_acked`]).
 //!
 //! The re-issue of a ghost is recorded like any other write, although a late landing of the ghost
 //! writes the same bytes: a write concurrent with the re-issue may have landed after it, and without
@@ -48,6 +54,8 @@ use bytes::{Bytes, BytesMut};
 pub type GhostId = u64;
 /// Ledger-assigned id of a rewrite in flight.
 pub type RewriteId = u64;
+/// Ledger-assigned id of a client write in flight ([`GhostLedger::write_started`]).
+pub type FlightId = u64;
 /// The caller's id for a path to the LUN (its own SAN path, or a peer carrying its I/O).
 pub type PathId = u64;
 
@@ -138,6 +146,16 @@ struct Rewrite {
     issued_seq: u64,
 }
 
+/// A client write between admission and its outcome.
+#[derive(Debug, Clone)]
+struct Flight {
+    start: u64,
+    end: u64,
+    /// A rewrite of an overlapping range was emitted while this write was in flight: the two
+    /// may execute in either order, so the rewrite's older data may land after this write.
+    raced: bool,
+}
+
 /// Newest data of `[start, end)` (start is the map key); `data.len() == end - start`.
 #[derive(Debug, Clone)]
 struct Record {
@@ -156,6 +174,8 @@ pub struct GhostLedger {
     rewrites: BTreeMap<RewriteId, Rewrite>,
     records: BTreeMap<u64, Record>,
     recorded_bytes: usize,
+    /// Client writes in flight (only those the caller registered).
+    flights: BTreeMap<FlightId, Flight>,
     /// An admission was refused since memory was last freed.
     stalled: bool,
 }
@@ -171,6 +191,7 @@ impl GhostLedger {
             rewrites: BTreeMap::new(),
             records: BTreeMap::new(),
             recorded_bytes: 0,
+            flights: BTreeMap::new(),
             stalled: false,
         }
     }
@@ -197,6 +218,17 @@ impl GhostLedger {
     /// ghost or rewrite always go; others go while recording them fits the budget.
     pub fn admit(&mut self, offset: u64, len: u64) -> Admission {
         let end = offset.saturating_add(len);
+        // A write sent while a rewrite of the same bytes is in flight could be overtaken by
+        // the rewrite's older data; it waits for the rewrite's outcome instead (one write's
+        // time; see `write_started` for writes already in flight when a rewrite is emitted).
+        if self
+            .rewrites
+            .values()
+            .any(|r| r.start < end && offset < r.end)
+        {
+            self.stalled = true;
+            return Admission::Stall;
+        }
         let covered: u64 = clip(&self.covers(), offset, end)
             .iter()
             .map(|(s, e)| e - s)
@@ -212,6 +244,67 @@ impl GhostLedger {
             self.stalled = true;
             Admission::Stall
         }
+    }
+
+    /// An admitted client write of `offset..offset+len` is being sent. Report its end with
+    /// [`GhostLedger::flight_acked`] or [`GhostLedger::flight_abandoned`]. A rewrite emitted
+    /// while it is in flight may execute after it, so such a write's data is rewritten once it
+    /// is acknowledged.
+    pub fn write_started(&mut self, offset: u64, len: u64) -> FlightId {
+        let id = self.alloc_id();
+        let end = offset.saturating_add(len);
+        let raced = self
+            .rewrites
+            .values()
+            .any(|r| r.start < end && offset < r.end);
+        self.flights.insert(
+            id,
+            Flight {
+                start: offset,
+                end,
+                raced,
+            },
+        );
+        id
+    }
+
+    /// The write of `flight` was acknowledged with `data` at `offset` (as
+    /// [`GhostLedger::write_acked`]). If a rewrite of its bytes was emitted while it was in
+    /// flight, its data is recorded and rewritten: the rewrite may have landed after it.
+    pub fn flight_acked(
+        &mut self,
+        flight: FlightId,
+        offset: u64,
+        data: &[u8],
+    ) -> Vec<GhostCommand> {
+        let mut out = Vec::new();
+        let raced = self.flights.remove(&flight).is_some_and(|f| f.raced);
+        if !raced {
+            self.write_acked(offset, data);
+            return out;
+        }
+        let end = offset.saturating_add(data.len() as u64);
+        self.seq += 1;
+        self.remove_range(offset, end);
+        self.records.insert(
+            offset,
+            Record {
+                end,
+                seq: self.seq,
+                data: Bytes::copy_from_slice(data),
+            },
+        );
+        self.recorded_bytes += data.len();
+        // The rewrite carries this data (or newer) and covers the record while in flight.
+        self.emit_rewrites(offset, end, 0, &mut out);
+        self.prune(&mut out);
+        out
+    }
+
+    /// The write of `flight` ended without an acknowledgement (refused, failed, or its caller
+    /// gave up); nothing is recorded.
+    pub fn flight_abandoned(&mut self, flight: FlightId) {
+        self.flights.remove(&flight);
     }
 
     /// A write of `data` at `offset` was acknowledged (through any path, including re-issues).
@@ -457,6 +550,11 @@ impl GhostLedger {
                     issued_seq: self.seq,
                 },
             );
+            for f in self.flights.values_mut() {
+                if f.start < e && s < f.end {
+                    f.raced = true;
+                }
+            }
             out.push(GhostCommand::Rewrite {
                 id,
                 offset: s,
@@ -624,6 +722,58 @@ mod tests {
         assert!(l.is_idle());
     }
 
+    /// Found by `redirect_faults::san_hang_*` (about 1 run in 20 on loaded cores): a client
+    /// write in flight when its ghost resolves is acknowledged after the rewrite of the older
+    /// data; the two ran concurrently at the target, the rewrite landed last, and with the
+    /// records already dropped nothing put the newer data back.
+    #[test]
+    fn a_write_in_flight_when_a_rewrite_is_emitted_is_rewritten_after_its_ack() {
+        let mut l = GhostLedger::new(1024);
+        let (g, _) = l.write_unknown(0, b(b"GGGG"), 1);
+        l.write_acked(0, b"AAAA"); // the re-issue
+        assert_eq!(l.admit(0, 4), Admission::Go);
+        let w = l.write_started(0, 4); // BBBB sent
+        let rw = rewrites(&l.ghost_resolved(g));
+        assert_eq!((rw[0].1, &rw[0].2[..]), (0, &b"AAAA"[..]));
+        // The target runs BBBB, then the rewrite of AAAA; the rewrite is answered first.
+        let mut lun = *b"AAAA";
+        assert!(rewrites(&l.rewrite_acked(rw[0].0)).is_empty());
+        let again = rewrites(&l.flight_acked(w, 0, b"BBBB"));
+        assert_eq!(
+            again.len(),
+            1,
+            "BBBB is rewritten: the rewrite may have landed after it"
+        );
+        assert_eq!((again[0].1, &again[0].2[..]), (0, &b"BBBB"[..]));
+        assert_eq!(read(&l, &lun, 0, 4), b"BBBB", "reads see BBBB meanwhile");
+        l.check_invariants();
+        lun.copy_from_slice(&again[0].2);
+        l.rewrite_acked(again[0].0);
+        assert!(l.is_idle());
+        assert_eq!(read(&l, &lun, 0, 4), b"BBBB");
+    }
+
+    #[test]
+    fn writes_wait_while_a_rewrite_of_their_bytes_is_in_flight_and_others_go() {
+        let mut l = GhostLedger::new(1024);
+        let (g, _) = l.write_unknown(0, b(b"GGGG"), 1);
+        l.write_acked(0, b"AAAA");
+        let rw = rewrites(&l.ghost_resolved(g));
+        assert_eq!(l.admit(2, 4), Admission::Stall);
+        assert_eq!(l.admit(4, 4), Admission::Go, "no overlap");
+        let cmds = l.rewrite_acked(rw[0].0);
+        assert!(cmds.contains(&GhostCommand::RetryStalled));
+        assert_eq!(l.admit(2, 4), Admission::Go);
+        // A write that started with no rewrite in flight and ends without one records nothing.
+        let w = l.write_started(2, 4);
+        assert!(l.flight_acked(w, 2, b"CCCC").is_empty());
+        assert!(l.is_idle());
+        // An abandoned flight leaves nothing behind.
+        let w = l.write_started(0, 4);
+        l.flight_abandoned(w);
+        assert!(l.is_idle());
+    }
+
     #[test]
     fn a_hung_rewrite_becomes_a_ghost_and_is_reissued_with_current_data() {
         let mut l = GhostLedger::new(1024);
@@ -733,10 +883,13 @@ mod tests {
         let cmds = l.ghost_resolved(g);
         assert!(cmds.contains(&GhostCommand::RetryStalled));
         let rw = rewrites(&cmds);
-        // The rewrite still covers 0..8 (recorded), and 8..16 is covered by nothing any more.
-        assert_eq!(l.admit(4, 8), Admission::Go);
+        // The rewrite of 0..8 is in flight: writes to those bytes wait for it; 8..16 is
+        // covered by nothing any more.
+        assert_eq!(l.admit(4, 8), Admission::Stall);
+        assert_eq!(l.admit(8, 8), Admission::Go);
         l.rewrite_acked(rw[0].0);
         assert!(l.is_idle());
+        assert_eq!(l.admit(4, 8), Admission::Go);
     }
 
     #[test]

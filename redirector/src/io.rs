@@ -16,8 +16,11 @@
 //!   when that peer's process settles it, or when that process is gone and `dead_peer_drain_ms`
 //!   have passed (`peer_lost`, `docs/fencing.md` §4a), never on a timeout alone;
 //!   the ledger's rewrites are sent like writes (without a fence) until acknowledged;
-//! - a write is acknowledged to the caller only after `write_acked` recorded it, and a read
-//!   takes its overlay when issued, so the caller never reads data older than what it wrote;
+//! - a write is registered with the ledger from admission to its outcome (`write_started`,
+//!   `flight_acked`, or abandoned when dropped) and acknowledged to the caller only after the
+//!   ledger recorded it (and, if a rewrite of its bytes raced it, emitted a rewrite of it); a
+//!   read takes its overlay when issued, so the caller never reads data older than what it
+//!   wrote;
 //! - queued requests wait for a route; when the policy fails queued I/O (paused past
 //!   `pause_bound_ms`) they fail with [`LunError::PathUnreachable`] (EIO). Nothing else fails
 //!   while the direct path or a peer works, except the request's own errors (out of range,
@@ -985,13 +988,22 @@ impl Inner {
         fua: bool,
         fence: Option<IoFence>,
     ) -> Result<(), LunError> {
-        loop {
+        let len = data.len() as u64;
+        let flight = loop {
             let mut rx = self.admit_tx.subscribe();
-            if self.lock().ledger.admit(offset, data.len() as u64) == Admission::Go {
-                break;
+            {
+                let mut st = self.lock();
+                if st.ledger.admit(offset, len) == Admission::Go {
+                    break st.ledger.write_started(offset, len);
+                }
             }
             let _ = rx.changed().await;
-        }
+        };
+        // Ends the flight unacknowledged if this future returns early or is dropped.
+        let mut flight = InFlight {
+            io: self,
+            id: Some(flight),
+        };
         let io = IoOp::Write {
             offset,
             data: data.clone(),
@@ -1002,7 +1014,10 @@ impl Inner {
             let route = self.route(false).await?;
             match self.attempt(route, &io).await {
                 Outcome::Done(_) => {
-                    self.lock().ledger.write_acked(offset, &data);
+                    if let Some(id) = flight.id.take() {
+                        let cmds = self.lock().ledger.flight_acked(id, offset, &data);
+                        self.run_ledger(cmds);
+                    }
                     return Ok(());
                 }
                 Outcome::Refused(e) => return Err(e),
@@ -1461,4 +1476,19 @@ fn encode_response(id: u64, status: Status, payload: Bytes) -> Result<Bytes, Str
     .encode(&mut b)
     .map_err(|e| format!("cannot encode the answer: {e}"))?;
     Ok(b.freeze())
+}
+
+/// A client write registered with the ledger ([`GhostLedger::write_started`]); dropped
+/// without an acknowledgement, it ends the flight as abandoned.
+struct InFlight<'a> {
+    io: &'a Arc<Inner>,
+    id: Option<crate::ghost::FlightId>,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            self.io.lock().ledger.flight_abandoned(id);
+        }
+    }
 }
