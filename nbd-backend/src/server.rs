@@ -225,7 +225,7 @@ impl NbdServer {
     {
         // Not a kernel socket: user space may copy reply bytes (an in-memory stream, TLS), so
         // nothing is sent from the LUN's mapping (`csv_core::lun::mapped`) or spliced.
-        self.spawn_serving(stream, peer, ReplyPath::default());
+        self.spawn_serving(stream, peer, ReplyPath::Copy);
     }
 
     /// Serves an accepted socket; large cached READ replies may be sent from the LUN's mapping
@@ -236,19 +236,13 @@ impl NbdServer {
         S: AsyncRead + AsyncWrite + AsFd + Unpin + Send + 'static,
     {
         let path = match self.shared.config.reads {
-            ReadPath::Copy => ReplyPath::default(),
-            ReadPath::Map => ReplyPath {
-                zero_copy: Some(ZeroCopy::Map),
-                splice: None,
-            },
+            ReadPath::Copy => ReplyPath::Copy,
+            ReadPath::Map => ReplyPath::Map,
             ReadPath::Splice => match SpliceSocket::new(&stream) {
-                Ok(s) => ReplyPath {
-                    zero_copy: Some(ZeroCopy::Splice),
-                    splice: Some(s),
-                },
+                Ok(s) => ReplyPath::Splice(s),
                 Err(e) => {
                     debug!(error = %e, "replies will not be spliced");
-                    ReplyPath::default()
+                    ReplyPath::Copy
                 }
             },
         };
@@ -322,12 +316,13 @@ pub(crate) fn chain(e: &dyn StdError) -> String {
 }
 
 /// How a connection's large cached READ replies leave (decided when it is accepted).
-#[derive(Default)]
-struct ReplyPath {
-    /// `None`: read into a buffer.
-    zero_copy: Option<ZeroCopy>,
-    /// The socket's descriptor, for splicing (with `ZeroCopy::Splice` only).
-    splice: Option<SpliceSocket>,
+enum ReplyPath {
+    /// Read into a buffer.
+    Copy,
+    /// Sent from the LUN's mapping.
+    Map,
+    /// Spliced into the socket through this duplicate of its descriptor.
+    Splice(SpliceSocket),
 }
 
 /// What the handshake settled on.
@@ -651,16 +646,20 @@ where
     let (rd, wr) = tokio::io::split(stream);
     let mut rd = BufReader::with_capacity(256 << 10, rd);
     let (tx, rx) = mpsc::channel(cfg.max_in_flight + 1);
+    let (zero_copy, splice) = match path {
+        ReplyPath::Copy => (None, None),
+        ReplyPath::Map => (Some(ZeroCopy::Map), None),
+        ReplyPath::Splice(s) => (Some(ZeroCopy::Splice), Some(s)),
+    };
     let ctx = Arc::new(RequestCtx {
-        zero_copy: path.zero_copy,
+        zero_copy,
         device: session.device.clone(),
         structured: session.structured,
         meta_context: session.meta_context,
         replies: tx,
         wrote: AtomicBool::new(false),
     });
-    let writer =
-        tokio::spawn(write_replies(wr, path.splice, rx).instrument(tracing::Span::current()));
+    let writer = tokio::spawn(write_replies(wr, splice, rx).instrument(tracing::Span::current()));
     let requests = TaskTracker::new();
     let mut batch = Batch::default();
     let outcome = read_requests(shared, &mut rd, &ctx, conn, &requests, &mut batch).await;

@@ -221,11 +221,7 @@ impl GhostLedger {
         // A write sent while a rewrite of the same bytes is in flight could be overtaken by
         // the rewrite's older data; it waits for the rewrite's outcome instead (one write's
         // time; see `write_started` for writes already in flight when a rewrite is emitted).
-        if self
-            .rewrites
-            .values()
-            .any(|r| r.start < end && offset < r.end)
-        {
+        if self.rewrite_overlaps(offset, end) {
             self.stalled = true;
             return Admission::Stall;
         }
@@ -253,10 +249,7 @@ impl GhostLedger {
     pub fn write_started(&mut self, offset: u64, len: u64) -> FlightId {
         let id = self.alloc_id();
         let end = offset.saturating_add(len);
-        let raced = self
-            .rewrites
-            .values()
-            .any(|r| r.start < end && offset < r.end);
+        let raced = self.rewrite_overlaps(offset, end);
         self.flights.insert(
             id,
             Flight {
@@ -285,16 +278,7 @@ impl GhostLedger {
         }
         let end = offset.saturating_add(data.len() as u64);
         self.seq += 1;
-        self.remove_range(offset, end);
-        self.records.insert(
-            offset,
-            Record {
-                end,
-                seq: self.seq,
-                data: Bytes::copy_from_slice(data),
-            },
-        );
-        self.recorded_bytes += data.len();
+        self.record(offset, Bytes::copy_from_slice(data), self.seq);
         // The rewrite carries this data (or newer) and covers the record while in flight.
         self.emit_rewrites(offset, end, 0, &mut out);
         self.prune(&mut out);
@@ -315,17 +299,23 @@ impl GhostLedger {
         let seq = self.seq;
         for (s, e) in clip(&self.covers(), offset, end) {
             let bytes = Bytes::copy_from_slice(&data[(s - offset) as usize..(e - offset) as usize]);
-            self.remove_range(s, e);
-            self.records.insert(
-                s,
-                Record {
-                    end: e,
-                    seq,
-                    data: bytes,
-                },
-            );
-            self.recorded_bytes += (e - s) as usize;
+            self.record(s, bytes, seq);
         }
+    }
+
+    /// Makes `data` the newest data of `start..start+len`, replacing what was recorded there.
+    fn record(&mut self, start: u64, data: Bytes, seq: u64) {
+        let end = start + data.len() as u64;
+        self.remove_range(start, end);
+        self.recorded_bytes += data.len();
+        self.records.insert(start, Record { end, seq, data });
+    }
+
+    /// Whether a rewrite in flight overlaps `[start, end)`.
+    fn rewrite_overlaps(&self, start: u64, end: u64) -> bool {
+        self.rewrites
+            .values()
+            .any(|r| r.start < end && start < r.end)
     }
 
     /// A write of `data` at `offset` sent on `path` timed out: its outcome is unknown. Returns the

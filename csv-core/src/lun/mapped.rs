@@ -190,7 +190,7 @@ impl MappedLun {
         if len == 0 || end > w.size || offset / WINDOW != (end - 1) / WINDOW {
             return None;
         }
-        if !super::pipe::fully_cached(&w.file, offset, len).ok()? {
+        if !super::zerocopy::fully_cached(&w.file, offset, len).ok()? {
             return None;
         }
         let idx = offset / WINDOW;
@@ -365,7 +365,7 @@ mod tests {
         };
         dontneed();
         assert!(
-            super::super::pipe::fully_cached(&f, 0, 1 << 20).unwrap(),
+            super::super::zerocopy::fully_cached(&f, 0, 1 << 20).unwrap(),
             "mapped pages stay cached"
         );
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -378,7 +378,7 @@ mod tests {
         }
         dontneed();
         assert!(
-            !super::super::pipe::fully_cached(&f, 0, 1 << 20).unwrap(),
+            !super::super::zerocopy::fully_cached(&f, 0, 1 << 20).unwrap(),
             "unmapped, the pages can be dropped"
         );
         // And a new view maps the window again.
